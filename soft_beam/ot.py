@@ -1,0 +1,257 @@
+"""Entropic optimal transport from n points to a few anchors, batched over rows.
+
+Notation, per row (batch index b omitted):
+    C   (n, m)  cost; n sources (scores), m anchors (m = 2 or k + 1)
+    mu  (n,)    source masses; 0 marks a masked source (a -inf score)
+    nu  (m,)    anchor masses; 0 marks an inactive anchor; sum(mu) == sum(nu) == 1
+    eps         entropic regularisation
+
+The plan minimises <C, P> + eps * sum P (log P - 1) under P 1 = mu, P^T 1 = nu and has the form
+    P_ij = mu_i * softmax_j((g_j - C_ij) / eps),
+so the row marginals hold by construction and only the anchor potentials g (m,) are unknown.
+They maximise the concave *semi-dual*
+    D(g) = <g, nu> - eps * sum_i mu_i * logsumexp_j((g_j - C_ij) / eps),
+whose gradient is nu - P^T 1 and whose negative Hessian is L / eps with
+    L = diag(P^T 1) - P^T Q,    Q_ij = softmax_j(...) = P_ij / mu_i,
+an (m x m) graph Laplacian (rows sum to 0; D is invariant to g + c). We fix the gauge at each
+row's heaviest anchor (g = 0 there). The same small system gives the implicit backward.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SolverInfo", "entropic_transport", "sinkhorn_potentials", "semidual_objective"]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """What a solve reached. ``marginal_error`` is max over rows and anchors of |P^T 1 / nu - 1|."""
+
+    iterations: int
+    marginal_error: float
+    converged: bool
+    method: str
+
+    def __str__(self) -> str:
+        state = "converged" if self.converged else "NOT converged"
+        return f"{self.method}: {state} after {self.iterations} iterations, marginal error {self.marginal_error:.2e}"
+
+
+def _logits(g: torch.Tensor, C: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Tensor:
+    # g: (B, m), C: (B, n, m), col_bias: (B, 1, m) with -inf on inactive anchors -> (B, n, m)
+    return (g.unsqueeze(1) - C) / eps + col_bias
+
+
+def semidual_objective(g, C, mu, nu, eps, col_bias):
+    """D(g) per row, shape (B,). Masked sources have mu = 0 and drop out."""
+    lse = torch.logsumexp(_logits(g, C, eps, col_bias), dim=-1)  # (B, n)
+    return (g * nu).sum(-1) - eps * (mu * lse).sum(-1)
+
+
+def _plan(g, C, mu, eps, col_bias):
+    """Returns (P, Q): the plan P (B, n, m) and its row-normalised form Q = P / mu."""
+    Q = torch.softmax(_logits(g, C, eps, col_bias), dim=-1)  # (B, n, m)
+    return mu.unsqueeze(-1) * Q, Q
+
+
+def _relative_marginal_error(P, nu, active):
+    # Per-row max over active anchors of |P^T 1 / nu - 1|: (B,)
+    b = P.sum(1)  # (B, m)
+    rel = (b - nu).abs() / torch.where(active, nu, torch.ones_like(nu))
+    return torch.where(active, rel, torch.zeros_like(rel)).amax(-1)
+
+
+def _ground(nu: torch.Tensor) -> torch.Tensor:
+    """One-hot (B, m) of each row's heaviest anchor, where the gauge fixes the potential.
+
+    Grounding the heaviest anchor keeps its gradient out of the solve: that gradient is
+    nu_j - (P^T 1)_j with both near 1, so in float32 its rounding error is of the size of a
+    light anchor's whole mass 1/n, and Newton would chase it.
+    """
+    return torch.nn.functional.one_hot(nu.argmax(-1), nu.shape[-1]).bool()
+
+
+def _regauge(g: torch.Tensor, ground: torch.Tensor) -> torch.Tensor:
+    return g - (g * ground).sum(-1, keepdim=True)
+
+
+def _grounded_laplacian_solve(P, Q, rhs, active, ground):
+    """Solves L z = rhs for L = diag(P^T 1) - P^T Q with z = 0 on the ground and inactive anchors.
+
+    P, Q: (B, n, m); rhs, active, ground: (B, m). Returns z: (B, m). A tiny ridge keeps the
+    system solvable when an anchor's mass sits on sources that touch no other anchor (small
+    eps): there L is singular in exact arithmetic.
+    """
+    # Off-diagonal weights W_jl = sum_i P_ij Q_il; the diagonal is their row sum. Forming it as
+    # b_j - W_jj instead cancels catastrophically for a heavy anchor (both are close to 1).
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    W = (P.transpose(1, 2) @ Q) * (1 - eye)  # (B, m, m)
+    L = torch.diag_embed(W.sum(-1)) - W  # (B, m, m)
+    free = active & ~ground  # (B, m)
+    both = free.unsqueeze(-1) & free.unsqueeze(-2)  # (B, m, m)
+    # Fixed anchors get identity rows and columns and a zero right-hand side -> z_j = 0.
+    L = torch.where(both, L, torch.zeros_like(L)) + torch.where(free, 0.0, 1.0).unsqueeze(-1) * eye
+    tiny = torch.finfo(L.dtype).eps
+    L = L + (tiny * L.diagonal(dim1=-2, dim2=-1).clamp_min(tiny)).unsqueeze(-1) * eye
+    r = torch.where(free, rhs, torch.zeros_like(rhs))
+    z, _ = torch.linalg.solve_ex(L, r.unsqueeze(-1))  # (B, m, 1); solve_ex: no error check, no sync
+    return z.squeeze(-1)
+
+
+def _col_bias(active: torch.Tensor, dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=active.device)
+    return torch.where(active, zero, torch.full_like(zero, -math.inf)).unsqueeze(1)  # (B, 1, m)
+
+
+def sinkhorn_potentials(C, mu, nu, eps, n_iter, g=None):
+    """Log-domain Sinkhorn: ``n_iter`` alternating updates; returns g (B, m), 0 on the ground anchor.
+
+    Plain torch ops, so autograd can unroll it (the tests and the benchmark do); the solver
+    below calls it under ``no_grad`` as a fallback.
+    """
+    active = nu > 0
+    ground = _ground(nu)
+    col_bias = _col_bias(active, C.dtype)
+    log_nu = torch.where(active, nu, torch.ones_like(nu)).log()
+    if g is None:
+        g = torch.zeros_like(nu)
+    for _ in range(n_iter):
+        # f-update is implicit in the softmax; g_j <- g_j + eps * log(nu_j / (P^T 1)_j)
+        log_q = torch.log_softmax(_logits(g, C, eps, col_bias), dim=-1)  # (B, n, m)
+        log_b = torch.logsumexp(log_q + torch.log(mu).unsqueeze(-1), dim=1)  # (B, m)
+        g = _regauge(g + eps * torch.where(active, log_nu - log_b, torch.zeros_like(log_b)), ground)
+    return g
+
+
+@torch.no_grad()
+def _solve(C, mu, nu, eps, tol, max_iter, check_every):
+    """Newton's method on the semi-dual with eps-continuation and a safeguarded step.
+
+    Each iteration evaluates D at two damped Newton steps and at one Sinkhorn step and keeps
+    the best. The Sinkhorn step always ascends, so the solver never does worse than Sinkhorn;
+    the full Newton step converges quadratically once near the optimum.
+    Returns g (B, m), SolverInfo.
+    """
+    active = nu > 0
+    ground = _ground(nu)
+    col_bias = _col_bias(active, C.dtype)
+    log_nu = torch.where(active, nu, torch.ones_like(nu)).log()
+    # Values of D closer than this are rounding noise; then the full Newton step is preferred.
+    noise = 64 * torch.finfo(C.dtype).eps
+    g = torch.zeros_like(nu)
+    # Continuation: solve loosely at eps0 = 1, 0.1, ... before the target eps. Entering a
+    # sharper problem from far away, the Hessian is exponentially small and Newton stalls; from
+    # the previous stage's optimum it is O(10 eps) away, which Newton covers in a few steps.
+    stages = []
+    e = 1.0
+    while e > eps * 1.0001:
+        stages.append((e, max(tol, 1e-2)))
+        e *= 0.1
+    stages.append((eps, tol))
+    steps = (1.0, 0.25)
+
+    def newton_iteration(g, e):
+        P, Q = _plan(g, C, mu, e, col_bias)
+        b = P.sum(1)  # (B, m)
+        grad = torch.where(active, nu - b, torch.zeros_like(b))
+        # Newton: (L / e) delta = grad  ->  delta = e * L^{-1} grad
+        delta = e * _grounded_laplacian_solve(P, Q, grad, active, ground)  # (B, m)
+        log_b = torch.where(active, b, torch.ones_like(b)).clamp_min(torch.finfo(b.dtype).tiny).log()
+        sink = torch.where(active, e * (log_nu - log_b), torch.zeros_like(b))
+        candidates = torch.stack([g + a * delta for a in steps] + [_regauge(g + sink, ground)])  # (S, B, m)
+        values = torch.stack([semidual_objective(c, C, mu, nu, e, col_bias) for c in candidates])  # (S, B)
+        values = torch.nan_to_num(values, nan=-math.inf)
+        values[0] += noise * (1 + values[0].abs())
+        best = values.argmax(0)  # (B,)
+        return candidates.gather(0, best.view(1, -1, 1).expand(1, *g.shape)).squeeze(0)
+
+    iters = 0
+    err = math.inf
+    for e, target in stages:
+        n_stage = 0
+        while True:
+            if n_stage % check_every == 0:
+                P, _ = _plan(g, C, mu, e, col_bias)
+                err = _relative_marginal_error(P, nu, active).max().item() if P.numel() else 0.0
+                if err <= target or n_stage >= max_iter:
+                    break
+            g = newton_iteration(g, e)
+            iters += 1
+            n_stage += 1
+    method = "newton"
+    if not err <= tol:
+        # Fallback: Sinkhorn from Newton's point, in chunks between convergence checks.
+        method = "newton+sinkhorn"
+        for _ in range(max_iter):
+            g = sinkhorn_potentials(C, mu, nu, eps, 10, g)
+            iters += 10
+            P, _ = _plan(g, C, mu, eps, col_bias)
+            err = _relative_marginal_error(P, nu, active).max().item()
+            if err <= tol:
+                break
+    return g, SolverInfo(iters, float(err), bool(err <= tol), method)
+
+
+class _EntropicTransport(torch.autograd.Function):
+    """C (B, n, m) -> P (B, n, m); backward by implicit differentiation of the optimality
+    conditions. Saves only P and g: memory O(n m) per row whatever the iteration count."""
+
+    @staticmethod
+    def forward(ctx, C, mu, nu, eps, tol, max_iter, check_every, info_out):
+        g, info = _solve(C.detach(), mu, nu, eps, tol, max_iter, check_every)
+        info_out.append(info)
+        col_bias = _col_bias(nu > 0, C.dtype)
+        P, Q = _plan(g, C.detach(), mu, eps, col_bias)
+        ctx.save_for_backward(P, Q, nu)
+        ctx.eps = eps
+        return P
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_P):
+        # Linearising P_ij = exp((f_i + g_j - C_ij)/eps) under both marginal constraints and
+        # eliminating df gives L dg = r(dC); the adjoint of that system yields, with W = G * P,
+        #   grad_C_il = P_il / eps * (sum_j G_ij Q_ij - G_il + z_l - (Q z)_i),
+        #   L z = v - Q^T w,  w_i = sum_j W_ij,  v_j = sum_i W_ij,  z = 0 on the ground anchor
+        # (v - Q^T w sums to 0, so any gauge gives the same grad_C).
+        P, Q, nu = ctx.saved_tensors
+        G = grad_P
+        W = G * P  # (B, n, m)
+        w = W.sum(-1)  # (B, n)
+        v = W.sum(1)  # (B, m)
+        u = v - torch.einsum("bij,bi->bj", Q, w)  # (B, m)
+        z = _grounded_laplacian_solve(P, Q, u, nu > 0, _ground(nu))  # (B, m)
+        row = (G * Q).sum(-1) - torch.einsum("bij,bj->bi", Q, z)  # (B, n)
+        grad_C = P / ctx.eps * (row.unsqueeze(-1) - G + z.unsqueeze(1))
+        return grad_C, None, None, None, None, None, None, None
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Relative marginal error reachable in ``dtype`` (float32 rounds logits of size 1/eps)."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def entropic_transport(C, mu, nu, eps, *, tol=None, max_iter=100, check_every=2, on_failure="warn"):
+    """Optimal entropic plan P (B, n, m) for cost C (B, n, m), masses mu (B, n), nu (B, m).
+
+    Differentiable in C (implicit backward). Returns (P, SolverInfo). Inputs are assumed
+    validated (see ``soft_beam.topk``); this is the internal workhorse.
+    As eps -> 0, P tends to the unregularised optimal plan.
+    """
+    if tol is None:
+        tol = default_tolerance(C.dtype)
+    info_out: list[SolverInfo] = []
+    P = _EntropicTransport.apply(C, mu, nu, float(eps), float(tol), int(max_iter), int(check_every), info_out)
+    info = info_out[0]
+    if not info.converged:
+        message = f"soft top-k: entropic OT solve did not reach tol={tol:g} (eps={eps:g}): {info}"
+        if on_failure == "raise":
+            raise RuntimeError(message)
+        if on_failure == "warn":
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return P, info

@@ -1,0 +1,176 @@
+"""SOFT top-k (Xie et al., NeurIPS 2020): top-k as entropic optimal transport.
+
+Each row of scores x (n of them, -inf = masked) is min-max normalised to z in [0, 1] over its
+finite entries, and its n points, each of mass 1/n, are transported to anchors on [0, 1] under
+the squared-distance cost, so eps is relative to a per-row cost in [0, 1]. Rows never see each
+other: normalisation, masses and the solve are all per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ot import SolverInfo, entropic_transport
+
+__all__ = ["soft_topk", "sorted_soft_topk"]
+
+_FAILURE_MODES = ("warn", "raise", "ignore")
+
+
+def _check(scores, k, epsilon, tol, max_iter, on_failure, n_axis_len):
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
+    if scores.dim() < 1:
+        raise ValueError("scores must have at least one dimension")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not epsilon > 0 or epsilon == float("inf"):
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if on_failure not in _FAILURE_MODES:
+        raise ValueError(f"on_failure must be one of {_FAILURE_MODES}, got {on_failure!r}")
+    if k > n_axis_len:
+        raise ValueError(f"k={k} is larger than the number of scores n={n_axis_len}")
+
+
+def _check_values(x: torch.Tensor, k: int) -> None:
+    # One host sync per call (never per solver iteration): NaN, +inf, and rows with < k finite.
+    bad = torch.stack(
+        [
+            torch.isnan(x).any(),
+            torch.isposinf(x).any(),
+            (torch.isfinite(x).sum(-1) < k).any() if x.numel() else torch.tensor(False, device=x.device),
+        ]
+    ).tolist()
+    if bad[0]:
+        raise ValueError("scores contain NaN")
+    if bad[1]:
+        raise ValueError("scores contain +inf; mask candidates with -inf instead")
+    if bad[2]:
+        raise ValueError(f"a row of scores has fewer than k={k} finite entries (-inf marks a masked entry)")
+
+
+def _normalised_cost(x: torch.Tensor, anchors: torch.Tensor):
+    """x (B, n) with -inf masked; anchors (m,) -> cost (B, n, m), finite mask (B, n), counts (B,)."""
+    finite = torch.isfinite(x)  # (B, n)
+    # Replace masked entries before any arithmetic so that their gradient is exactly 0, not NaN.
+    safe = torch.where(finite, x, torch.zeros_like(x))
+    hi = safe.masked_fill(~finite, -torch.inf).amax(-1, keepdim=True)  # (B, 1)
+    lo = safe.masked_fill(~finite, torch.inf).amin(-1, keepdim=True)  # (B, 1)
+    span = hi - lo
+    span = torch.where(span > 0, span, torch.ones_like(span))  # all-equal row: z = 0 everywhere
+    z = torch.where(finite, (safe - lo) / span, torch.zeros_like(safe))  # (B, n) in [0, 1]
+    C = (z.unsqueeze(-1) - anchors) ** 2  # (B, n, m)
+    return C, finite, finite.sum(-1)
+
+
+def _transport(scores, k, epsilon, anchors_fn, nu_fn, tol, max_iter, on_failure):
+    """Shared body: flatten leading dims, solve in float32 or float64, restore dtype and shape."""
+    lead = scores.shape[:-1]
+    n = scores.shape[-1]
+    compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        x = scores.reshape(-1, n).to(compute_dtype)  # (B, n)
+        _check_values(x, k)
+        anchors = anchors_fn(k).to(device=x.device, dtype=compute_dtype)  # (m,)
+        C, finite, count = _normalised_cost(x, anchors)
+        cnt = count.to(compute_dtype).unsqueeze(-1)  # (B, 1)
+        mu = finite.to(compute_dtype) / cnt  # (B, n)
+        nu = nu_fn(k, cnt)  # (B, m)
+        P, info = entropic_transport(C, mu, nu, epsilon, tol=tol, max_iter=max_iter, on_failure=on_failure)
+        # n_valid * P: column masses 1/n become 1, row masses 1/n become 1.
+        out = P * cnt.unsqueeze(-1)  # (B, n, m)
+    return out, lead, info
+
+
+def soft_topk(
+    scores: torch.Tensor,
+    k: int,
+    epsilon: float = 0.01,
+    dim: int = -1,
+    *,
+    tol: float | None = None,
+    max_iter: int = 100,
+    return_info: bool = False,
+    on_failure: str = "warn",
+):
+    """Soft indicator of the k largest entries of ``scores`` along ``dim``.
+
+    Returns a tensor shaped like ``scores`` with values in [0, 1] summing to k along ``dim``
+    (masked ``-inf`` entries get exactly 0). Two anchors: 1 with mass k/n, 0 with mass (n-k)/n.
+
+    Hard limit: as epsilon -> 0 the result tends to the 0/1 indicator of ``torch.topk(scores, k)``
+    (for scores without ties at the k-th place).
+
+    Args:
+        scores: float tensor (..., n, ...); half precision is solved in float32.
+        k: how many to select, 1 <= k <= number of finite scores in every row.
+        epsilon: entropic regularisation, relative to the per-row cost in [0, 1].
+        dim: the axis holding the n scores.
+        tol: stop when every anchor's mass is within a relative ``tol`` (default 1e-4 in
+            float32, 1e-9 in float64).
+        max_iter: Newton iterations at the final epsilon before the Sinkhorn fallback.
+        return_info: also return a :class:`SolverInfo`.
+        on_failure: "warn" (default), "raise" or "ignore" when tol is not reached.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension")
+    x = scores.movedim(dim, -1)
+    _check(scores, k, epsilon, tol, max_iter, on_failure, x.shape[-1])
+    out, lead, info = _transport(x, k, epsilon, _two_anchors, _two_masses, tol, max_iter, on_failure)
+    result = out[..., 0].reshape(*lead, x.shape[-1]).to(scores.dtype).movedim(-1, dim)  # (..., n) -> like scores
+    return (result, info) if return_info else result
+
+
+def sorted_soft_topk(
+    scores: torch.Tensor,
+    k: int,
+    epsilon: float = 0.01,
+    *,
+    tol: float | None = None,
+    max_iter: int = 100,
+    return_info: bool = False,
+    on_failure: str = "warn",
+):
+    """Soft permutation of ``scores`` (..., n) onto ranks 1..k, shape (..., n, k).
+
+    Column j is the soft one-hot of the (j+1)-th largest score: it sums to 1; each row sums to
+    at most 1, and masked ``-inf`` entries get exactly 0. Anchors 1, 1 - 1/k, ..., 1/k carry mass
+    1/n each, and anchor 0 the remaining (n-k)/n.
+
+    Hard limit: as epsilon -> 0, column j tends to the one-hot of the index
+    ``torch.topk(scores, k).indices[..., j]`` (for scores without ties among the top k + 1).
+    Arguments as in :func:`soft_topk`; the scores lie along the last axis.
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() == 0:
+        _check(scores, k, epsilon, tol, max_iter, on_failure, 0)
+    _check(scores, k, epsilon, tol, max_iter, on_failure, scores.shape[-1])
+    out, lead, info = _transport(scores, k, epsilon, _rank_anchors, _rank_masses, tol, max_iter, on_failure)
+    result = out[..., :k].reshape(*lead, scores.shape[-1], k).to(scores.dtype)  # (B, n, k) -> (..., n, k)
+    return (result, info) if return_info else result
+
+
+def _two_anchors(k: int) -> torch.Tensor:
+    return torch.tensor([1.0, 0.0], dtype=torch.float64)
+
+
+def _two_masses(k: int, cnt: torch.Tensor) -> torch.Tensor:
+    top = k / cnt  # (B, 1)
+    return torch.cat([top, 1 - top], dim=-1)  # (B, 2); rest is 0 when n_valid == k
+
+
+def _rank_anchors(k: int) -> torch.Tensor:
+    return 1.0 - torch.arange(k + 1, dtype=torch.float64) / k  # 1, 1 - 1/k, ..., 0
+
+
+def _rank_masses(k: int, cnt: torch.Tensor) -> torch.Tensor:
+    each = (1.0 / cnt).expand(-1, k)  # (B, k)
+    return torch.cat([each, 1 - k / cnt], dim=-1)  # (B, k + 1)
+

@@ -1,0 +1,287 @@
+"""Tests of the SOFT top-k operators against hard top-k, gradcheck, unrolled autograd and a
+plain NumPy transcription of the paper's Sinkhorn algorithm."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from soft_beam import SolverInfo, soft_topk, sorted_soft_topk
+from soft_beam import ot
+
+
+def gapped_scores(rows, n, seed=0, dtype=torch.float64):
+    """Distinct scores with gaps of at least 1/(2n) of the range, in random order."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.arange(n, dtype=dtype) + 0.5 * torch.rand(rows, n, generator=g, dtype=dtype)
+    perm = torch.stack([torch.randperm(n, generator=g) for _ in range(rows)])
+    return base.gather(1, perm) / n * 4 - 2
+
+
+# --- a reference written from the paper, in NumPy ------------------------------------------
+
+
+def numpy_paper_sinkhorn(C, mu, nu, eps, iters):
+    """Algorithm 1 of Xie et al. (2020): plain (not log-domain) Sinkhorn scaling."""
+    G = np.exp(-C / eps)
+    b = np.ones_like(nu)
+    for _ in range(iters):
+        a = mu / (G @ b)
+        b = nu / (G.T @ a)
+    return a[:, None] * G * b[None, :]
+
+
+def numpy_sorted_soft_topk(x, k, eps, iters=20000):
+    z = (x - x.min()) / (x.max() - x.min())
+    anchors = 1.0 - np.arange(k + 1) / k
+    C = (z[:, None] - anchors[None, :]) ** 2
+    n = len(x)
+    mu = np.full(n, 1.0 / n)
+    nu = np.concatenate([np.full(k, 1.0 / n), [(n - k) / n]])
+    return n * numpy_paper_sinkhorn(C, mu, nu, eps, iters)[:, :k]
+
+
+@pytest.mark.parametrize("k,n,eps", [(1, 6, 0.1), (3, 10, 0.05), (5, 40, 0.2)])
+def test_sorted_matches_numpy_paper_algorithm(k, n, eps):
+    x = gapped_scores(3, n, seed=k)
+    ours = sorted_soft_topk(x, k, eps)
+    for row in range(3):
+        ref = numpy_sorted_soft_topk(x[row].numpy(), k, eps)
+        np.testing.assert_allclose(ours[row].numpy(), ref, atol=1e-8)
+
+
+def test_unsorted_matches_numpy_paper_algorithm():
+    x = gapped_scores(2, 12, seed=3)
+    k, eps = 4, 0.1
+    ours = soft_topk(x, k, eps)
+    for row in range(2):
+        xr = x[row].numpy()
+        z = (xr - xr.min()) / (xr.max() - xr.min())
+        C = (z[:, None] - np.array([1.0, 0.0])[None, :]) ** 2
+        plan = numpy_paper_sinkhorn(C, np.full(12, 1 / 12), np.array([k / 12, 1 - k / 12]), eps, 20000)
+        np.testing.assert_allclose(ours[row].numpy(), 12 * plan[:, 0], atol=1e-8)
+
+
+# --- gradients --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,n,eps", [(1, 5, 0.3), (2, 6, 0.1), (3, 9, 0.05), (4, 8, 1.0)])
+def test_gradcheck_float64(k, n, eps):
+    x = gapped_scores(2, n, seed=n).requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: sorted_soft_topk(s, k, eps), (x,))
+    assert torch.autograd.gradcheck(lambda s: soft_topk(s, k, eps), (x,))
+
+
+def test_gradcheck_with_masked_entries():
+    x = gapped_scores(2, 8, seed=1)
+    x[0, 3] = -math.inf
+    x[1, [0, 5]] = -math.inf
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: sorted_soft_topk(s, 3, 0.1), (x,))
+
+
+@pytest.mark.parametrize("m_top", [1, 3])
+def test_implicit_gradient_equals_unrolled_autograd(m_top):
+    g = torch.Generator().manual_seed(m_top)
+    B, n, eps = 3, 11, 0.2
+    C = torch.rand(B, n, m_top + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    mu = torch.full((B, n), 1.0 / n, dtype=torch.float64)
+    nu = torch.tensor([1.0 / n] * m_top + [1 - m_top / n], dtype=torch.float64).expand(B, -1)
+    G = torch.randn(B, n, m_top + 1, generator=g, dtype=torch.float64)
+
+    P, info = ot.entropic_transport(C, mu, nu, eps)
+    assert info.converged
+    (implicit,) = torch.autograd.grad((P * G).sum(), C)
+
+    potentials = ot.sinkhorn_potentials(C, mu, nu, eps, n_iter=3000)  # autograd unrolls this
+    P_unrolled, _ = ot._plan(potentials, C, mu, eps, ot._col_bias(nu > 0, C.dtype))
+    (unrolled,) = torch.autograd.grad((P_unrolled * G).sum(), C)
+
+    torch.testing.assert_close(P, P_unrolled, rtol=0, atol=1e-12)
+    assert (implicit - unrolled).norm() / unrolled.norm() < 1e-6
+
+
+def test_backward_memory_does_not_depend_on_iterations():
+    # The graph keeps only the plan: its saved tensors are the same for 3 and 40 iterations.
+    x = gapped_scores(2, 30, seed=2).requires_grad_()
+    sizes = []
+    for eps in (1.0, 0.001):
+        out, info = sorted_soft_topk(x, 4, eps, return_info=True)
+        saved = out.grad_fn
+        while saved is not None and "EntropicTransport" not in type(saved).__name__:
+            saved = saved.next_functions[0][0]
+        sizes.append((info.iterations, sum(t.numel() for t in saved.saved_tensors)))
+    assert sizes[0][0] < sizes[1][0]
+    assert sizes[0][1] == sizes[1][1]
+
+
+# --- the hard limit ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,n", [(1, 7), (3, 20), (5, 64)])
+def test_small_epsilon_equals_hard_topk(k, n):
+    x = gapped_scores(4, n, seed=k)
+    hard = torch.topk(x, k).indices  # (4, k), in descending order
+    indicator = torch.zeros_like(x).scatter_(1, hard, 1.0)
+    torch.testing.assert_close(soft_topk(x, k, 1e-4), indicator, rtol=0, atol=1e-6)
+    onehots = torch.zeros(4, n, k, dtype=x.dtype).scatter_(1, hard.unsqueeze(1), 1.0)
+    torch.testing.assert_close(sorted_soft_topk(x, k, 1e-4), onehots, rtol=0, atol=1e-6)
+
+
+def test_float32_small_epsilon_orders_like_topk():
+    x = gapped_scores(8, 50, seed=9, dtype=torch.float32)
+    out = sorted_soft_topk(x, 5, 1e-3)
+    assert torch.equal(out.argmax(1), torch.topk(x, 5).indices)
+
+
+def test_large_epsilon_is_soft():
+    x = gapped_scores(1, 10)
+    out = sorted_soft_topk(x, 3, 1.0)
+    assert out.max() < 0.9 and out.min() > 0
+
+
+# --- marginals, masks, rows, dtypes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [1.0, 0.1, 0.01])
+def test_marginals(eps):
+    x = torch.randn(5, 3, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = soft_topk(x, 4, eps)
+    torch.testing.assert_close(a.sum(-1), torch.full((5, 3), 4.0, dtype=torch.float64))
+    assert a.min() >= 0 and a.max() <= 1 + 1e-12
+    s = sorted_soft_topk(x, 4, eps)
+    assert s.shape == (5, 3, 30, 4)
+    torch.testing.assert_close(s.sum(-2), torch.ones(5, 3, 4, dtype=torch.float64))
+    assert s.sum(-1).max() <= 1 + 1e-9
+
+
+def test_soft_topk_dim_argument():
+    x = torch.randn(6, 4, dtype=torch.float64)
+    torch.testing.assert_close(soft_topk(x, 2, 0.1, dim=0), soft_topk(x.T, 2, 0.1).T)
+
+
+def test_masked_entries_get_zero_weight_and_gradient_and_are_ignored():
+    x = gapped_scores(1, 9, seed=4)[0]
+    masked = x.clone()
+    masked[[1, 6]] = -math.inf
+    masked.requires_grad_()
+    out = sorted_soft_topk(masked, 3, 0.05)
+    assert torch.all(out[[1, 6]] == 0)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.all(masked.grad[[1, 6]] == 0) and torch.isfinite(masked.grad).all()
+    keep = [i for i in range(9) if i not in (1, 6)]
+    torch.testing.assert_close(out[keep], sorted_soft_topk(x[keep], 3, 0.05))
+
+
+def test_exactly_k_finite_scores():
+    x = torch.tensor([[0.3, -math.inf, 1.2, -0.5]], dtype=torch.float64)
+    torch.testing.assert_close(soft_topk(x, 3, 0.1), torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=torch.float64))
+    s = sorted_soft_topk(x, 3, 1e-3)
+    assert torch.equal(s[0].argmax(0), torch.topk(x, 3).indices[0])
+    torch.testing.assert_close(s.sum(-1)[0, [0, 2, 3]], torch.ones(3, dtype=torch.float64))
+
+
+def test_rows_are_independent():
+    x = gapped_scores(3, 12, seed=5)
+    alone = sorted_soft_topk(x[:1], 4, 0.05)
+    # The reference code normalised the cost over the whole batch: a row of large scores
+    # changed every other row. Here each row is normalised and solved on its own.
+    y = x.clone()
+    y[1] *= 1000.0
+    y[2] = -y[2]
+    torch.testing.assert_close(sorted_soft_topk(y, 4, 0.05)[:1], alone, rtol=0, atol=1e-9)
+
+
+def test_invariant_to_affine_rescaling_of_a_row():
+    x = gapped_scores(2, 10, seed=6)
+    torch.testing.assert_close(sorted_soft_topk(3 * x + 7, 3, 0.05), sorted_soft_topk(x, 3, 0.05))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_round_trip(dtype):
+    x = gapped_scores(4, 20, seed=7, dtype=torch.float32)
+    ref = sorted_soft_topk(x, 3, 0.05)
+    xh = x.to(dtype).requires_grad_()
+    out = sorted_soft_topk(xh, 3, 0.05)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), sorted_soft_topk(xh.detach().float(), 3, 0.05), atol=1e-2, rtol=0)
+    out.float().sum(1).pow(2).sum().backward()
+    assert xh.grad.dtype == dtype and torch.isfinite(xh.grad.float()).all()
+    assert (out.float() - ref).abs().max() < 0.1
+
+
+def test_autocast_solves_in_float32():
+    x = gapped_scores(2, 16, seed=8, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = soft_topk(x, 3, 0.05)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, soft_topk(x, 3, 0.05))
+
+
+# --- diagnostics and bad input -----------------------------------------------------------------
+
+
+def test_solver_info():
+    out, info = sorted_soft_topk(gapped_scores(2, 20), 3, 0.01, return_info=True)
+    assert isinstance(info, SolverInfo)
+    assert info.converged and info.marginal_error <= 1e-9 and 0 < info.iterations < 60
+    assert "converged" in str(info)
+
+
+def test_non_convergence_warns_or_raises():
+    x = gapped_scores(2, 20)
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        _, info = sorted_soft_topk(x, 3, 0.001, max_iter=1, tol=1e-15, return_info=True)
+    assert not info.converged
+    with pytest.raises(RuntimeError, match="did not reach tol"):
+        sorted_soft_topk(x, 3, 0.001, max_iter=1, tol=1e-15, on_failure="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sorted_soft_topk(x, 3, 0.001, max_iter=1, tol=1e-15, on_failure="ignore")
+
+
+@pytest.mark.parametrize(
+    "scores,k,kwargs,match",
+    [
+        (torch.tensor([[1.0, 2.0, math.nan]]), 1, {}, "NaN"),
+        (torch.tensor([[1.0, math.inf, 0.0]]), 1, {}, r"\+inf"),
+        (torch.tensor([[1.0, -math.inf, -math.inf], [1.0, 2.0, 3.0]]), 2, {}, "fewer than k=2 finite"),
+        (torch.tensor([[1, 2, 3]]), 1, {}, "floating-point"),
+        (torch.tensor([[1.0, 2.0]]), 0, {}, "k must be an integer >= 1"),
+        (torch.tensor([[1.0, 2.0]]), 2.0, {}, "k must be an integer"),
+        (torch.tensor([[1.0, 2.0]]), 3, {}, "larger than the number of scores"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"epsilon": 0.0}, "epsilon must be"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"epsilon": -1.0}, "epsilon must be"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"on_failure": "loud"}, "on_failure"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"max_iter": 0}, "max_iter"),
+        ([1.0, 2.0], 1, {}, "torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("op", [soft_topk, sorted_soft_topk])
+def test_bad_input_raises_value_error(op, scores, k, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        op(scores, k, **kwargs)
+
+
+# --- CUDA --------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    x = gapped_scores(16, 200, seed=11, dtype=torch.float32)
+    cpu = sorted_soft_topk(x, 5, 0.01)
+    xc = x.to("cuda", dtype).requires_grad_()
+    out = sorted_soft_topk(xc, 5, 0.01)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    torch.testing.assert_close(out.float().cpu(), cpu, atol=5e-2 if dtype != torch.float32 else 1e-4, rtol=0)
+    out.float().sum(1).pow(2).sum().backward()
+    assert torch.isfinite(xc.grad.float()).all()
+
+
+@pytest.mark.cuda
+def test_cuda_gradcheck_float64():
+    x = gapped_scores(2, 8, seed=12).cuda().requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: sorted_soft_topk(s, 3, 0.1), (x,))
