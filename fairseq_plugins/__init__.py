@@ -4,3 +4,5 @@
 from .compat import allow_fairseq_checkpoints
 
 allow_fairseq_checkpoints()
+
+from . import criterion, task  # noqa: E402,F401  (registers soft_beam and translation_soft_beam)

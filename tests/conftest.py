@@ -9,3 +9,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_bin(tmp_path_factory):
+    from helpers import preprocess, write_synthetic_corpus
+
+    root = tmp_path_factory.mktemp("tiny")
+    return preprocess(write_synthetic_corpus(root / "raw"), root / "data-bin")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data_bin, tmp_path_factory):
+    """A tiny transformer trained by stock fairseq-train (label-smoothed MLE)."""
+    from helpers import train_mle
+
+    return train_mle(tiny_data_bin, tmp_path_factory.mktemp("mle"))

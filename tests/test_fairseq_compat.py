@@ -1,0 +1,36 @@
+"""The plugin makes stock fairseq-fixed CLIs work on torch >= 2.6 without any user setting."""
+
+import argparse
+
+import pytest
+import torch
+
+from helpers import PLUGIN_DIR, cli, run
+
+
+def test_plugin_loads_pickled_checkpoint_but_torch_load_stays_safe(tmp_path):
+    import fairseq_plugins  # noqa: F401  (applies the fix)
+    from fairseq import checkpoint_utils
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"args": argparse.Namespace(arch="transformer"), "model": {}}, path)
+    with open(path, "rb") as f:  # what load_checkpoint_to_cpu does
+        state = checkpoint_utils.torch.load(f, map_location=torch.device("cpu"))
+    assert state["args"].arch == "transformer"
+    with pytest.raises(Exception, match="weights_only"):
+        torch.load(path)  # the rest of the process keeps torch's safe default
+
+
+def test_train_help_with_user_dir():
+    out = run([cli("fairseq-train"), "--user-dir", PLUGIN_DIR, "--help"])
+    assert "--user-dir" in out
+
+
+@pytest.mark.slow
+def test_stock_checkpoint_generates_with_user_dir(tiny_data_bin, tiny_checkpoint):
+    args = [cli("fairseq-generate"), tiny_data_bin, "--path", tiny_checkpoint, "--gen-subset", "test",
+            "--beam", "2", "--max-len-a", "1.2", "--max-len-b", "5", "--batch-size", "16", "--cpu"]
+    with pytest.raises(AssertionError, match="weights_only"):
+        run(args)  # stock fairseq-fixed on torch >= 2.6: the bug the plugin fixes
+    out = run([*args, "--user-dir", PLUGIN_DIR])
+    assert out.count("\nH-") == 40
