@@ -165,8 +165,10 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
         sink = torch.where(active, e * (log_nu - log_b), torch.zeros_like(b))
         candidates = torch.stack([g + a * delta for a in steps] + [_regauge(g + sink, ground)])  # (S, B, m)
         values = torch.stack([semidual_objective(c, C, mu, nu, e, col_bias) for c in candidates])  # (S, B)
-        values = torch.nan_to_num(values, nan=-math.inf)
-        values[0] += noise * (1 + values[0].abs())
+        values = torch.nan_to_num(values, nan=-math.inf, posinf=-math.inf)
+        full = values[0]
+        # (only where finite: -inf + noise * inf would be NaN, which argmax takes as the maximum)
+        values[0] = torch.where(torch.isfinite(full), full + noise * (1 + full.abs()), full)
         best = values.argmax(0)  # (B,)
         return candidates.gather(0, best.view(1, -1, 1).expand(1, *g.shape)).squeeze(0)
 

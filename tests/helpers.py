@@ -74,3 +74,25 @@ def train_mle(data_bin: Path, save_dir: Path, max_epoch=25, extra=()) -> Path:
         *extra,
     ])  # fmt: skip
     return save_dir / "checkpoint_best.pt"
+
+
+def load_task_model(data_bin: Path, checkpoint: Path, *args: str, split: str = "test"):
+    """In-process: fairseq args for the plugin's task and criterion, the model, one split loaded."""
+    import fairseq_plugins  # noqa: F401
+    from fairseq import checkpoint_utils, options, tasks
+
+    parser = options.get_training_parser()
+    cfg = options.parse_args_and_arch(
+        parser,
+        [str(data_bin), "--user-dir", str(PLUGIN_DIR), "--task", "translation_soft_beam",
+         "--criterion", "soft_beam", "--arch", "transformer", "--cpu", *args],
+    )  # fmt: skip
+    task = tasks.setup_task(cfg)
+    models, _ = checkpoint_utils.load_model_ensemble([str(checkpoint)], task=task)
+    task.load_dataset(split)
+    return cfg, task, models[0].eval()
+
+
+def batches(task, split="test", max_sentences=16):
+    itr = task.get_batch_iterator(task.dataset(split), max_sentences=max_sentences, seed=1)
+    return list(itr.next_epoch_itr(shuffle=False))

@@ -3,6 +3,7 @@ plain NumPy transcription of the paper's Sinkhorn algorithm."""
 
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,3 +286,13 @@ def test_cuda_matches_cpu(dtype):
 def test_cuda_gradcheck_float64():
     x = gapped_scores(2, 8, seed=12).cuda().requires_grad_()
     assert torch.autograd.gradcheck(lambda s: sorted_soft_topk(s, 3, 0.1), (x,))
+
+
+def test_regression_full_newton_step_to_infinity_is_never_chosen():
+    # Candidate scores of one beam-search step (float32, -inf = masked) where, while lagging rows
+    # kept the batch iterating, a row's Laplacian went singular and its damped Newton steps were
+    # infinite; a NaN from "-inf + noise * inf" then made argmax choose one, and the row was NaN.
+    x = torch.load(Path(__file__).parent / "data" / "beam_step_scores.pt")  # (7, 32)
+    out, info = sorted_soft_topk(x, 4, 1e-3, return_info=True)
+    assert info.converged and torch.isfinite(out).all()
+    assert torch.equal(out.argmax(1), torch.topk(x, 4).indices)

@@ -1,0 +1,102 @@
+"""The search inside fairseq: hard mode equals stock beam search, the soft search tends to it,
+and the gradient of its losses reaches the model through the SOFT top-k."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+from fairseq.tasks.translation import TranslationTask
+
+from helpers import batches, load_task_model
+from soft_beam.search import SearchConfig, beam_search
+
+pytestmark = pytest.mark.slow  # needs the tiny model trained by stock fairseq-train
+
+
+def gen_args(beam, lenpen, **kw):
+    return Namespace(beam=beam, lenpen=lenpen, max_len_a=1.2, max_len_b=5, min_len=1, unkpen=0.0, **kw)
+
+
+@pytest.mark.parametrize("beam,lenpen", [(1, 1.0), (3, 1.0), (5, 0.3), (4, 2.0)])
+def test_hard_mode_generator_is_token_identical_to_fairseq(tiny_data_bin, tiny_checkpoint, beam, lenpen):
+    _, task, model = load_task_model(tiny_data_bin, tiny_checkpoint)
+    ours = task.build_generator([model], gen_args(beam, lenpen))
+    stock = TranslationTask.build_generator(task, [model], gen_args(beam, lenpen))
+    assert type(ours).__name__ == "SoftBeamGenerator" and type(stock).__name__ == "SequenceGenerator"
+    compared = 0
+    for sample in batches(task):
+        for mine, ref in zip(task.inference_step(ours, [model], sample), task.inference_step(stock, [model], sample)):
+            assert len(mine) == len(ref) == beam
+            for h, r in zip(mine, ref):
+                assert torch.equal(h["tokens"], r["tokens"])
+                torch.testing.assert_close(h["score"], r["score"], rtol=0, atol=1e-6)
+                torch.testing.assert_close(h["positional_scores"], r["positional_scores"], rtol=0, atol=1e-5)
+            compared += 1
+    assert compared == 40
+
+
+def _search(task, model, sample, epsilon, beam=4):
+    from fairseq_plugins.decoding import FairseqStepModel
+
+    d = task.target_dictionary
+    cfg = SearchConfig(beam=beam, epsilon=epsilon, candidates=2 * beam * beam, max_len_a=1.2, max_len_b=5)
+    src = sample["net_input"]["src_tokens"]
+    return beam_search(
+        FairseqStepModel(model, sample["net_input"], beam), src.shape[0], src.shape[1], cfg,
+        bos=d.eos(), eos=d.eos(), pad=d.pad(), unk=d.unk(), device=src.device,
+    )  # fmt: skip
+
+
+def test_training_search_tends_to_hard_search_as_epsilon_goes_to_zero(tiny_data_bin, tiny_checkpoint):
+    # epsilon is relative to each step's candidate score range, so near-ties between candidates
+    # stay soft until epsilon is well below their gap: agreement with the hard search grows as
+    # epsilon falls (measured here: 5, 20, 32, 39 of 40 sentences) and the scores converge.
+    _, task, model = load_task_model(tiny_data_bin, tiny_checkpoint)
+    with torch.no_grad():
+        samples = batches(task)
+        hard = [h[0] for s in samples for h in _search(task, model, s, 0.0)]
+        agree, gaps = [], []
+        for eps in (1e-1, 1e-2, 1e-3, 3e-4):
+            soft = [h[0] for s in samples for h in _search(task, model, s, eps)]
+            same = [(a, b) for a, b in zip(hard, soft) if torch.equal(a.tokens, b.tokens)]
+            agree.append(len(same))
+            gaps.append(max(abs(float(a.score - b.score)) for a, b in same))
+    assert agree == sorted(agree) and agree[0] < 20 and agree[-1] >= 38, agree
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.05, gaps
+
+
+@pytest.mark.parametrize("beam_loss", ["hamming", "risk"])
+def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, tiny_checkpoint, beam_loss):
+    args = ["--beam-loss", beam_loss, "--mle-weight", "0", "--soft-beam-size", "3",
+            "--soft-beam-epsilon", "0.1", "--soft-beam-tol", "1e-6"]  # fmt: skip
+    cfg, task, model = load_task_model(tiny_data_bin, tiny_checkpoint, *args, split="valid")
+    criterion = task.build_criterion(cfg)
+    sample = batches(task, "valid", max_sentences=6)[0]
+    net_input = sample["net_input"]
+
+    def loss():
+        enc = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+        return criterion.search_loss(model, sample, enc)[0]
+
+    model.zero_grad()
+    loss().backward()
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    # With --mle-weight 0 the only path from the Hamming loss to the model is the soft top-k's
+    # weights (the relaxed matches are mixtures of 0/1 indicators): a nonzero gradient there
+    # has come through the top-k and the soft reordering.
+    for name in ("encoder.layers.0.fc1.weight", "decoder.layers.0.self_attn.k_proj.weight"):
+        p = params[name]
+        d = torch.randn(p.shape, generator=g)
+        d /= d.norm()
+        analytic = float((p.grad * d).sum())
+        h = 3e-3
+        with torch.no_grad():
+            p += h * d
+            up = float(loss())
+            p -= 2 * h * d
+            down = float(loss())
+            p += h * d
+        numeric = (up - down) / (2 * h)
+        assert abs(analytic) > 1e-4, name
+        assert abs(numeric - analytic) <= 0.05 * abs(analytic), (name, numeric, analytic)
