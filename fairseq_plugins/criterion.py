@@ -120,8 +120,9 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             "top_bleu": top_bleu,
             "solver_iters": float(sum(stats.solver_iterations)),
             "solver_calls": len(stats.solver_iterations),
-            "marginal_error": max(stats.marginal_errors, default=0.0),
+            "marginal_error": float(sum(stats.marginal_errors)),
             "search_steps": stats.steps,
+            "batches": 1,
             "ntokens": sample["ntokens"],
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
@@ -174,12 +175,12 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         calls = total("solver_calls")
         if calls:
             metrics.log_scalar("solver_iters", total("solver_iters") / calls, calls, round=1)
-        metrics.log_scalar(
-            "marginal_err", max((log.get("marginal_error", 0) for log in logging_outputs), default=0.0), round=6
-        )
-        metrics.log_scalar("search_steps", total("search_steps") / max(len(logging_outputs), 1), round=1)
+            metrics.log_scalar("marginal_err", total("marginal_error") / calls, calls, round=6)
+        metrics.log_scalar("search_steps", total("search_steps") / max(total("batches"), 1), round=1)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
-        return False  # marginal_err is a max
+        # Summable logs take fairseq's all_reduce path; the other path (all_gather_list)
+        # allocates CUDA buffers and fails on CPU-only distributed runs.
+        return True
 

@@ -83,9 +83,12 @@ def _regauge(g: torch.Tensor, ground: torch.Tensor) -> torch.Tensor:
 def _grounded_laplacian_solve(P, Q, rhs, active, ground):
     """Solves L z = rhs for L = diag(P^T 1) - P^T Q with z = 0 on the ground and inactive anchors.
 
-    P, Q: (B, n, m); rhs, active, ground: (B, m). Returns z: (B, m). A tiny ridge keeps the
-    system solvable when an anchor's mass sits on sources that touch no other anchor (small
-    eps): there L is singular in exact arithmetic.
+    P, Q: (B, n, m); rhs, active, ground: (B, m). Returns z: (B, m).
+
+    A ridge sqrt(machine eps) * (P^T 1)_j keeps the system solvable when a group of anchors is
+    cut off from the ground (small eps, ties: their coupling underflows to 0). L is singular
+    there, but rhs sums to 0 over each such group, and the group's common shift cancels in
+    the plan and in the backward; the ridge only keeps that shift from blowing up to inf.
     """
     # Off-diagonal weights W_jl = sum_i P_ij Q_il; the diagonal is their row sum. Forming it as
     # b_j - W_jj instead cancels catastrophically for a heavy anchor (both are close to 1).
@@ -96,8 +99,9 @@ def _grounded_laplacian_solve(P, Q, rhs, active, ground):
     both = free.unsqueeze(-1) & free.unsqueeze(-2)  # (B, m, m)
     # Fixed anchors get identity rows and columns and a zero right-hand side -> z_j = 0.
     L = torch.where(both, L, torch.zeros_like(L)) + torch.where(free, 0.0, 1.0).unsqueeze(-1) * eye
-    tiny = torch.finfo(L.dtype).eps
-    L = L + (tiny * L.diagonal(dim1=-2, dim2=-1).clamp_min(tiny)).unsqueeze(-1) * eye
+    finfo = torch.finfo(L.dtype)
+    ridge = math.sqrt(finfo.eps) * P.sum(1) + finfo.tiny  # (B, m)
+    L = L + ridge.unsqueeze(-1) * eye
     r = torch.where(free, rhs, torch.zeros_like(rhs))
     z, _ = torch.linalg.solve_ex(L, r.unsqueeze(-1))  # (B, m, 1); solve_ex: no error check, no sync
     return z.squeeze(-1)

@@ -25,3 +25,13 @@ def tiny_checkpoint(tiny_data_bin, tmp_path_factory):
     from helpers import train_mle
 
     return train_mle(tiny_data_bin, tmp_path_factory.mktemp("mle"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_bin_unbuilt(tmp_path_factory):
+    """A data-bin folder with dictionaries only: enough for option parsing and task setup."""
+    folder = tmp_path_factory.mktemp("dicts")
+    symbols = "".join(f"{c} 1\n" for c in "abcdefghijABCDEFGHIJ")
+    for lang in ("src", "tgt"):
+        (folder / f"dict.{lang}.txt").write_text(symbols)
+    return folder

@@ -38,7 +38,7 @@ def cli(name: str) -> str:
     return str(BIN / name)
 
 
-def write_synthetic_corpus(folder: Path, n_train=400, n_valid=40, n_test=40, seed=0) -> Path:
+def write_synthetic_corpus(folder: Path, n_train=400, n_valid=40, n_test=45, seed=0) -> Path:
     """Source: 3-7 letters; target: the letters reversed and upper-cased (learnable in seconds)."""
     rng = random.Random(seed)
     letters = "abcdefghij"

@@ -19,7 +19,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from helpers import BIN, ROOT
 
 PREP = ROOT / "data_prep"
@@ -97,7 +96,7 @@ def _tar(path: Path, members: dict[str, bytes | str]):
 
 
 def _sgm(segs: list[str], kind: str, lang: str) -> str:
-    head = (f'<srcset setid="newstest2014" srclang="any">' if kind == "src"
+    head = ('<srcset setid="newstest2014" srclang="any">' if kind == "src"
             else f'<refset setid="newstest2014" srclang="any" trglang="{lang}">')  # fmt: skip
     lines = [head, '<doc sysid="ref" docid="1012-bbc" genre="news" origlang="en">', "<p>"]
     lines += [f'<seg id="{i + 1}">{s}</seg>' for i, s in enumerate(segs)]
@@ -248,7 +247,7 @@ def test_wmt14_en_de_cleans_encodes_binarises_and_reruns(wmt_raw, tmp_path):
 
     # training: exactly the clean pairs of the three corpora, in order (empty, whitespace-only, > 250
     # words, ratio > 1.5, duplicates within and across corpora and up to spaces all dropped)
-    assert list(zip(lines(out / "raw/train.en"), lines(out / "raw/train.de"))) == exp["train"]
+    assert list(zip(lines(out / "raw/train.en"), lines(out / "raw/train.de"), strict=True)) == exp["train"]
     assert len(exp["train"]) == 3 * N_GOOD
     assert lines(out / "raw/valid.en") == exp["valid"]["en"] and lines(out / "raw/valid.de") == exp["valid"]["de"]
     # test: SGML stripped, nothing cleaned (an empty, a 300-word and a repeated segment stay)
@@ -281,7 +280,7 @@ def test_wmt14_fr_en_subset_through_giga_fren(wmt_raw, tmp_path):
                         "--out", out, "--vocab-size", 150, "--subset", subset, "--workers", 2))  # fmt: skip
     info = check_layout(out, "fr", "en", subset, len(exp["valid"]["en"]), len(exp["test"]["en"]))
     assert info["subset"] == subset and info["corpus"] == "wmt14"
-    assert list(zip(lines(out / "raw/train.en"), lines(out / "raw/train.fr"))) == exp["train"][:subset]
+    assert list(zip(lines(out / "raw/train.en"), lines(out / "raw/train.fr"), strict=True)) == exp["train"][:subset]
     assert lines(out / "raw/test.fr") == exp["test"]["fr"] and lines(out / "raw/test.en") == exp["test"]["en"]
     assert lines(out / "raw/valid.fr") == exp["valid"]["fr"]
     assert "giga-fren.release2.fixed.fr" in log and "subset reached" in log
@@ -309,6 +308,7 @@ def test_multi30k_subset(tgt, tmp_path):
     assert lines(out / "raw/valid.en") == original("val.en.gz")
 
 
+@pytest.mark.slow
 def test_multi30k_recipe_on_synthetic_files(tmp_path):
     """Multi30k's layout (and the cleaning) without the real data: always runs."""
     raw = tmp_path / "raw"
@@ -322,7 +322,7 @@ def test_multi30k_recipe_on_synthetic_files(tmp_path):
     out = tmp_path / "out"
     ok(run_recipe(M30K, "--tgt", "de", "--raw-dir", raw, "--out", out, "--vocab-size", 100,
                   "--ratio", 1.5, "--workers", 1))  # fmt: skip
-    assert list(zip(lines(out / "raw/train.en"), lines(out / "raw/train.de"))) == corpus.good
+    assert list(zip(lines(out / "raw/train.en"), lines(out / "raw/train.de"), strict=True)) == corpus.good
     assert len(lines(out / "raw/test.en")) == 15  # test: nothing dropped
     assert len(lines(out / "raw/valid.en")) == 20 - 4  # valid: empty x2, whitespace-only, too long dropped
     info = json.loads((out / "prep.json").read_text())

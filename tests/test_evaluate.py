@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
-
 from helpers import BIN, ROOT, TINY_ARCH, cli, run
 
 spec = importlib.util.spec_from_file_location("evaluate", ROOT / "scripts" / "evaluate.py")
@@ -27,7 +26,7 @@ SENTENCES = [
     "Ein Mann fährt Fahrrad.",
     "Zwei junge Männer spielen im Park Fußball, während es regnet.",
     "Eine Frau liest ein Buch über Ägypten (1999), Seite 42!",
-    "\"Hallo\", sagte das Kind.",
+    '"Hallo", sagte das Kind.',
 ]
 
 
@@ -47,7 +46,7 @@ def test_score_files_is_exactly_sacrebleu(tmp_path):
     assert scores["bleu"] == pytest.approx(35.59, abs=0.01)  # pinned: sacreBLEU 2.x, 13a, exp smoothing
     assert scores["bleu_signature"] == f"nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:{sacrebleu.__version__}"
     assert scores["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|")
-    assert evaluate.score_lines(REFS, REFS)["bleu"] == 100.0
+    assert evaluate.score_lines(REFS, REFS)["bleu"] == pytest.approx(100.0)
     assert evaluate.score_lines(HYPS[::-1], REFS)["bleu"] < scores["bleu"]  # order matters
 
 
@@ -112,8 +111,12 @@ def test_parse_generate_output_restores_order():
 def test_parse_generate_output_errors():
     with pytest.raises(evaluate.EvalError, match="no hypotheses"):
         evaluate.parse_generate_output("S-0\tx\nT-0\ty\n")
-    with pytest.raises(evaluate.EvalError, match="ids 1"):
+    with pytest.raises(evaluate.EvalError, match="ids 1$"):
         evaluate.parse_generate_output("H-0\t-1\t▁a\nH-2\t-1\t▁c\n")
+    with pytest.raises(evaluate.EvalError, match="2 hypotheses but 4 are needed.*ids 1, 3$"):
+        evaluate.parse_generate_output("H-0\t-1\t▁a\nH-2\t-1\t▁c\n", expected=4)
+    with pytest.raises(evaluate.EvalError, match="ids up to 2 but there are 2 references"):
+        evaluate.parse_generate_output("H-0\t-1\t▁a\nH-1\t-1\t▁b\nH-2\t-1\t▁c\n", expected=2)
 
 
 # ---------------------------------------------------------------- the CLI
@@ -165,16 +168,17 @@ def test_cli_with_stand_in_generate(spm_model, tmp_path):
     assert "chrF2 = " in proc.stdout
     assert evaluate.read_lines(result["hypotheses_file"]) == hyps  # detokenised, corpus order
     assert Path(result["hypotheses_file"]).parent == out_json.parent
-    for key in ("bleu", "chrf", "bleu_signature", "chrf_signature", "bleu_verbose", "checkpoint", "data", "split",
-                "beam", "lenpen", "max_len_a", "max_len_b", "task", "n_sentences", "hypotheses_file"):
-        assert key in result, key
+    keys = ("bleu", "chrf", "bleu_signature", "chrf_signature", "bleu_verbose", "checkpoint", "data", "split",
+            "beam", "lenpen", "max_len_a", "max_len_b", "task", "n_sentences", "hypotheses_file")  # fmt: skip
+    assert set(keys) <= set(result), set(keys) - set(result)
     assert (result["split"], result["beam"], result["task"], result["n_sentences"]) == ("test", 4, "translation", 4)
 
     args = (tmp_path / "generate.args").read_text().split("\n")
     assert args[0] == str(data / "data-bin")
     for flag, value in (("--user-dir", str(ROOT / "fairseq_plugins")), ("--task", "translation"),
                         ("--path", str(ckpt)), ("--gen-subset", "test"), ("--beam", "4"), ("--lenpen", "1.0"),
-                        ("--max-len-a", "1.2"), ("--max-len-b", "10"), ("--source-lang", "en")):  # fmt: skip
+                        ("--max-len-a", "1.2"), ("--max-len-b", "10"), ("--source-lang", "en"),
+                        ("--required-batch-size-multiple", "1")):  # fmt: skip
         assert args[args.index(flag) + 1] == value, flag
     assert "--cpu" in args and "--fp16" in args and args[args.index("--seed") + 1] == "3"
 
@@ -195,7 +199,8 @@ def test_cli_bad_input(spm_model, tmp_path):
     # fairseq-generate gives 3 hypotheses for 4 references
     pieces = evaluate.encode_pieces(SENTENCES, spm_model)
     gen = fake_generate(tmp_path / "gen3", generate_output(pieces, [2, 0, 1]))
-    fails("--data", data, "--checkpoint", ckpt, match="3 hypotheses but", env={"FAIRSEQ_GENERATE": str(gen)})
+    fails("--data", data, "--checkpoint", ckpt, match="3 hypotheses but 4 are needed",
+          env={"FAIRSEQ_GENERATE": str(gen)})  # fmt: skip
     # fairseq-generate fails: its message is shown
     bad = tmp_path / "gen-fails"
     bad.write_text("#!/usr/bin/env bash\necho 'RuntimeError: model exploded' >&2\nexit 1\n")
@@ -227,8 +232,9 @@ def test_evaluate_end_to_end_with_fairseq(tmp_path):
          "--lr", "0.001", "--max-tokens", "2000", "--max-update", "1", "--disable-validation", "--cpu",
          "--save-dir", save, "--no-progress-bar", "--seed", "1"])  # fmt: skip
     out_json = tmp_path / "eval/result.json"
-    log = run([sys.executable, ROOT / "scripts/evaluate.py", "--data", data, "--checkpoint", save / "checkpoint_last.pt",
-               "--task", "translation", "--cpu", "--beam", 2, "--max-len-b", 3, "--output", out_json])  # fmt: skip
+    log = run([sys.executable, ROOT / "scripts/evaluate.py", "--data", data, "--checkpoint",
+               save / "checkpoint_last.pt", "--task", "translation", "--cpu", "--beam", 2, "--max-len-b", 3,
+               "--output", out_json])  # fmt: skip
     result = json.loads(out_json.read_text())
     hyps = evaluate.read_lines(result["hypotheses_file"])
     refs = evaluate.read_lines(data / "raw/test.de")
