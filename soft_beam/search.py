@@ -152,19 +152,31 @@ def beam_search(
     for step in range(max_len + 1):
         B = sent_ids.numel()
         lprobs = model.step(tokens[:, : step + 1], input_embedding)  # (B' K, V)
-        lprobs = _mask_log_probs(lprobs, step, max_len, cfg.min_len, eos, pad, unk, cfg.unk_penalty)
         V = lprobs.shape[-1]
-        lprobs = lprobs.view(B, K, V)  # (B', K, V)
-        if step == 0:
-            cand = lprobs[:, :1, :]  # (B', 1, V): all beams are equal at the start
-        else:
-            cand = lprobs + cum.unsqueeze(-1)  # (B', K, V)
-        flat = cand.reshape(B, -1)  # (B', K V) or (B', V)
-        n_hard = min(cand_size, flat.shape[1] - 1)  # -1 so that pad is never a candidate
-        n_cand = min(max(cfg.candidates, n_hard), flat.shape[1] - 1) if soft else n_hard
-        top_scores, top_idx = torch.topk(flat, n_cand)  # (B', M)
+        # Rank the B' K V candidates without autograd: only the M kept ones need gradients, and
+        # every full-vocabulary op under autograd would keep a (B' K, V) copy for backward.
+        with torch.no_grad():
+            masked = _mask_log_probs(lprobs, step, max_len, cfg.min_len, eos, pad, unk, cfg.unk_penalty)
+            masked = masked.view(B, K, V)  # (B', K, V)
+            if step == 0:
+                cand = masked[:, :1, :]  # (B', 1, V): all beams are equal at the start
+            else:
+                cand = masked + cum.unsqueeze(-1)  # (B', K, V)
+            flat = cand.reshape(B, -1)  # (B', K V) or (B', V)
+            n_hard = min(cand_size, flat.shape[1] - 1)  # -1 so that pad is never a candidate
+            n_cand = min(max(cfg.candidates, n_hard), flat.shape[1] - 1) if soft else n_hard
+            ranked, top_idx = torch.topk(flat, n_cand)  # (B', M)
         cand_beams = torch.div(top_idx, V, rounding_mode="trunc")  # (B', M)
         cand_tokens = top_idx.fmod(V)  # (B', M)
+        if torch.is_grad_enabled() and (lprobs.requires_grad or cum.requires_grad):
+            # The same scores, differentiable: log-prob of the token plus its beam's score.
+            picked = lprobs.view(B, K * V).gather(1, top_idx)  # (B', M); step 0: beam 0 only
+            if step:
+                picked = picked + cum.gather(1, cand_beams)
+            penalty = cfg.unk_penalty * (cand_tokens == unk).to(picked.dtype) if cfg.unk_penalty else 0.0
+            top_scores = torch.where(torch.isinf(ranked), ranked, picked - penalty)  # (B', M)
+        else:
+            top_scores = ranked
         row_offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B', 1)
         cand_rows = cand_beams + row_offsets  # (B', M) rows of the current state
 
@@ -249,7 +261,7 @@ def beam_search(
             model.reorder(picked_rows if state_rows is None else state_rows[picked_rows])
 
     for hyps in finalized:
-        hyps.sort(key=lambda h: float(h.score), reverse=True)
+        hyps.sort(key=lambda h: float(h.score.detach()), reverse=True)
     return finalized
 
 

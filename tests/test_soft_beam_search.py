@@ -100,3 +100,20 @@ def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, 
         numeric = (up - down) / (2 * h)
         assert abs(analytic) > 1e-4, name
         assert abs(numeric - analytic) <= 0.05 * abs(analytic), (name, numeric, analytic)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_training_step_on_cuda(tiny_data_bin, tiny_checkpoint, dtype):
+    # As under --fp16/--bf16: the model in half precision, the soft top-k solved in float32.
+    from fairseq import utils
+
+    cfg, task, model = load_task_model(tiny_data_bin, tiny_checkpoint, "--soft-beam-size", "3", split="valid")
+    criterion = task.build_criterion(cfg)
+    model = model.to("cuda", dtype).train()
+    sample = utils.move_to_cuda(batches(task, "valid", max_sentences=8)[0])
+    loss, _, log = criterion(model, sample)
+    loss.backward()
+    assert torch.isfinite(loss) and log["solver_calls"] > 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g.float()).all() for g in grads)
