@@ -42,21 +42,30 @@ class SolverInfo:
         return f"{self.method}: {state} after {self.iterations} iterations, marginal error {self.marginal_error:.2e}"
 
 
-def _logits(g: torch.Tensor, C: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Tensor:
-    # g: (B, m), C: (B, n, m), col_bias: (B, 1, m) with -inf on inactive anchors -> (B, n, m)
-    return (g.unsqueeze(1) - C) / eps + col_bias
+def _neg_cost(C: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Tensor:
+    """-C / eps with -inf on inactive anchors: (B, n, m). Computed once per eps, so that each
+    evaluation of the logits (g_j - C_ij) / eps is a single broadcast add."""
+    return col_bias - C / eps
+
+
+def _objective(g, neg, mu, nu, eps):
+    lse = torch.logsumexp(neg + (g / eps).unsqueeze(1), dim=-1)  # (B, n)
+    return (g * nu).sum(-1) - eps * (mu * lse).sum(-1)
+
+
+def _plan_from(g, neg, mu, eps):
+    Q = torch.softmax(neg + (g / eps).unsqueeze(1), dim=-1)  # (B, n, m)
+    return mu.unsqueeze(-1) * Q, Q
 
 
 def semidual_objective(g, C, mu, nu, eps, col_bias):
     """D(g) per row, shape (B,). Masked sources have mu = 0 and drop out."""
-    lse = torch.logsumexp(_logits(g, C, eps, col_bias), dim=-1)  # (B, n)
-    return (g * nu).sum(-1) - eps * (mu * lse).sum(-1)
+    return _objective(g, _neg_cost(C, eps, col_bias), mu, nu, eps)
 
 
 def _plan(g, C, mu, eps, col_bias):
     """Returns (P, Q): the plan P (B, n, m) and its row-normalised form Q = P / mu."""
-    Q = torch.softmax(_logits(g, C, eps, col_bias), dim=-1)  # (B, n, m)
-    return mu.unsqueeze(-1) * Q, Q
+    return _plan_from(g, _neg_cost(C, eps, col_bias), mu, eps)
 
 
 def _relative_marginal_error(P, nu, active):
@@ -124,9 +133,10 @@ def sinkhorn_potentials(C, mu, nu, eps, n_iter, g=None):
     log_nu = torch.where(active, nu, torch.ones_like(nu)).log()
     if g is None:
         g = torch.zeros_like(nu)
+    neg = _neg_cost(C, eps, col_bias)
     for _ in range(n_iter):
         # f-update is implicit in the softmax; g_j <- g_j + eps * log(nu_j / (P^T 1)_j)
-        log_q = torch.log_softmax(_logits(g, C, eps, col_bias), dim=-1)  # (B, n, m)
+        log_q = torch.log_softmax(neg + (g / eps).unsqueeze(1), dim=-1)  # (B, n, m)
         log_b = torch.logsumexp(log_q + torch.log(mu).unsqueeze(-1), dim=1)  # (B, m)
         g = _regauge(g + eps * torch.where(active, log_nu - log_b, torch.zeros_like(log_b)), ground)
     return g
@@ -159,8 +169,8 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
     stages.append((eps, tol))
     steps = (1.0, 0.25)
 
-    def newton_iteration(g, e):
-        P, Q = _plan(g, C, mu, e, col_bias)
+    def newton_iteration(g, e, neg):
+        P, Q = _plan_from(g, neg, mu, e)
         b = P.sum(1)  # (B, m)
         grad = torch.where(active, nu - b, torch.zeros_like(b))
         # Newton: (L / e) delta = grad  ->  delta = e * L^{-1} grad
@@ -168,7 +178,7 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
         log_b = torch.where(active, b, torch.ones_like(b)).clamp_min(torch.finfo(b.dtype).tiny).log()
         sink = torch.where(active, e * (log_nu - log_b), torch.zeros_like(b))
         candidates = torch.stack([g + a * delta for a in steps] + [_regauge(g + sink, ground)])  # (S, B, m)
-        values = torch.stack([semidual_objective(c, C, mu, nu, e, col_bias) for c in candidates])  # (S, B)
+        values = torch.stack([_objective(c, neg, mu, nu, e) for c in candidates])  # (S, B)
         values = torch.nan_to_num(values, nan=-math.inf, posinf=-math.inf)
         full = values[0]
         # (only where finite: -inf + noise * inf would be NaN, which argmax takes as the maximum)
@@ -179,14 +189,15 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
     iters = 0
     err = math.inf
     for e, target in stages:
+        neg = _neg_cost(C, e, col_bias)
         n_stage = 0
         while True:
             if n_stage % check_every == 0:
-                P, _ = _plan(g, C, mu, e, col_bias)
+                P, _ = _plan_from(g, neg, mu, e)
                 err = _relative_marginal_error(P, nu, active).max().item() if P.numel() else 0.0
                 if err <= target or n_stage >= max_iter:
                     break
-            g = newton_iteration(g, e)
+            g = newton_iteration(g, e, neg)
             iters += 1
             n_stage += 1
     method = "newton"
@@ -196,7 +207,7 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
         for _ in range(max_iter):
             g = sinkhorn_potentials(C, mu, nu, eps, 10, g)
             iters += 10
-            P, _ = _plan(g, C, mu, eps, col_bias)
+            P, _ = _plan_from(g, neg, mu, eps)
             err = _relative_marginal_error(P, nu, active).max().item()
             if err <= tol:
                 break
