@@ -69,14 +69,20 @@ def setup(data_bin: Path, checkpoint, beam: int, beam_loss: str, device: str):
 
 
 class SavedBytes:
-    """Counts the bytes autograd saves for backward while active."""
+    """Counts the bytes of the distinct storages autograd saves for backward while active
+    (a weight saved at every decoding step counts once)."""
 
     def __init__(self):
-        self.bytes = 0
+        self.storages = {}
+
+    @property
+    def bytes(self):
+        return sum(self.storages.values())
 
     def __enter__(self):
         def pack(t):
-            self.bytes += t.numel() * t.element_size()
+            storage = t.untyped_storage()
+            self.storages[storage.data_ptr()] = storage.nbytes()
             return t
 
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -132,6 +138,8 @@ def main():
     p.add_argument("--gen-beam", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="profile one soft_beam step (torch.profiler)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--parts", default="train,generate", help="which tables: train, generate or both")
+    p.add_argument("--gen-sentences", type=int, default=0, help="decode only the first N test sentences (0: all)")
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args()
     data_bin = args.data / "data-bin" if (args.data / "data-bin").is_dir() else args.data
@@ -143,9 +151,18 @@ def main():
     print(f"# model: {' '.join(MODEL_ARGS)}; {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'random init'}")
     results = {"machine": machine(), "device": args.device, "train": {}, "generate": {}}
 
-    # --- training steps ---------------------------------------------------------------------
+    parts = set(args.parts.split(","))
     setups = {b: setup(data_bin, args.checkpoint, b, args.beam_loss, args.device) for b in beams}
     cfg, task, model, mle, _ = setups[beams[0]]
+    if "train" in parts:
+        train_table(args, task, model, mle, setups, beams, results)
+    if "generate" in parts:
+        generate_table(args, task, model, results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def train_table(args, task, model, mle, setups, beams, results):
     task.load_dataset("train")
     itr = task.get_batch_iterator(task.dataset("train"), max_tokens=args.max_tokens, seed=1)
     samples = [move(s, args.device) for _, s in zip(range(args.batches), itr.next_epoch_itr(shuffle=True))]
@@ -190,7 +207,9 @@ def main():
         print(f"\n## Profile of one {name} step (top 15 by self time)\n")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
-    # --- generation -------------------------------------------------------------------------
+
+
+def generate_table(args, task, model, results):
     task.load_dataset("test")
     gen_args = Namespace(beam=args.gen_beam, lenpen=1.0, max_len_a=1.2, max_len_b=10, min_len=1, unkpen=0.0)
     model.eval()
@@ -198,6 +217,8 @@ def main():
     stock = TranslationTask.build_generator(task, [model], gen_args)
     test_itr = task.get_batch_iterator(task.dataset("test"), max_sentences=128, seed=1)
     test_samples = [move(s, args.device) for s in test_itr.next_epoch_itr(shuffle=False)]
+    if args.gen_sentences:
+        test_samples = test_samples[: max(1, args.gen_sentences // 128)]
     gen_times = {"fairseq SequenceGenerator": [], "soft-beam generator (eps 0)": []}
     identical = True
     for rep in range(args.reps + 1):
@@ -221,8 +242,6 @@ def main():
         results["generate"][k] = {"median_s": statistics.median(v), "ratio": statistics.median(v) / g0}
     print(f"\nTop hypotheses identical to fairseq's: {identical}")
     results["generate"]["identical"] = identical
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from helpers import PLUGIN_DIR, ROOT, TINY_ARCH, batches, cli, load_task_model, 
 SOFT_BEAM = ["--user-dir", PLUGIN_DIR, "--task", "translation_soft_beam", "--criterion", "soft_beam",
              "--label-smoothing", "0.1", *TINY_ARCH, "--optimizer", "adam", "--lr", "0.001",
              "--max-tokens", "400", "--cpu", "--seed", "3", "--log-format", "json", "--log-interval", "1",
+             "--clip-norm", "1.0",
              "--no-epoch-checkpoints"]  # fmt: skip
 
 
