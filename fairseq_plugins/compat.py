@@ -1,9 +1,10 @@
 """Fixes for fairseq-fixed 0.12.3.1, applied when the plugin is imported.
 
-1. Checkpoints under torch >= 2.6. torch 2.6 made ``torch.load(weights_only=True)`` the default, and fairseq checkpoints pickle
-``argparse.Namespace`` and omegaconf configs, so every ``fairseq-generate`` or resume fails.
-We give ``fairseq.checkpoint_utils`` and ``fairseq.distributed.utils`` (only them) a view of
-torch whose ``load`` defaults to ``weights_only=False``, which is how fairseq loaded checkpoints before torch 2.6. As ever with
+1. Checkpoints under torch >= 2.6. torch 2.6 made ``torch.load(weights_only=True)`` the
+default, and fairseq checkpoints pickle ``argparse.Namespace`` and omegaconf configs, so every
+``fairseq-generate`` or resume fails. We give ``fairseq.checkpoint_utils`` and
+``fairseq.distributed.utils`` (only them) a view of torch whose ``load`` defaults to
+``weights_only=False``, which is how fairseq loaded checkpoints before torch 2.6. As ever with
 pickled checkpoints, load only files you trust. ``torch.load`` stays unchanged for everyone else.
 
 2. Lost sentences. fairseq 0.12's ``data_utils.batch_by_size`` drops the last batch when its

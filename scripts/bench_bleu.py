@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine_info import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 DEFAULT_RAW = ROOT.parent / "shared" / "data" / "multi30k"
@@ -406,14 +408,7 @@ def summarise(args, prep, runs, evals, elapsed) -> dict:
 
 
 def machine_info(args) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_info import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -65,14 +66,7 @@ REF_ITERS = 200  # the iteration count of the paper's reference code (TopK_custo
 
 
 def machine_description(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     parts = [
         f"CPU: {cpu}, {os.cpu_count()} logical cores (torch threads {torch.get_num_threads()})",
         f"torch {torch.__version__}, python {platform.python_version()}",

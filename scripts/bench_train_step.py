@@ -22,13 +22,15 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
+from machine_info import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import fairseq_plugins  # noqa: E402,F401  (registers the task and criterion, compat fixes)
 from fairseq import checkpoint_utils, options, tasks  # noqa: E402
 from fairseq.tasks.translation import TranslationTask  # noqa: E402
+
+import fairseq_plugins  # noqa: E402,F401  (registers the task and criterion, compat fixes)
 
 MODEL_ARGS = [
     "--arch", "transformer", "--share-all-embeddings", "--encoder-layers", "3", "--decoder-layers", "3",
@@ -39,14 +41,7 @@ MODEL_ARGS = [
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}{gpu}"
 

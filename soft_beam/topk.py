@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .ot import SolverInfo, entropic_transport
+from .ot import entropic_transport
 
 __all__ = ["soft_topk", "sorted_soft_topk"]
 

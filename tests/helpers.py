@@ -78,8 +78,9 @@ def train_mle(data_bin: Path, save_dir: Path, max_epoch=25, extra=()) -> Path:
 
 def load_task_model(data_bin: Path, checkpoint: Path, *args: str, split: str = "test"):
     """In-process: fairseq args for the plugin's task and criterion, the model, one split loaded."""
-    import fairseq_plugins  # noqa: F401
     from fairseq import checkpoint_utils, options, tasks
+
+    import fairseq_plugins  # noqa: F401
 
     parser = options.get_training_parser()
     cfg = options.parse_args_and_arch(

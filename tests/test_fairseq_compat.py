@@ -4,13 +4,13 @@ import argparse
 
 import pytest
 import torch
-
 from helpers import PLUGIN_DIR, cli, run
 
 
 def test_plugin_loads_pickled_checkpoint_but_torch_load_stays_safe(tmp_path):
-    import fairseq_plugins  # noqa: F401  (applies the fix)
     from fairseq import checkpoint_utils
+
+    import fairseq_plugins  # noqa: F401  (applies the fix)
 
     path = tmp_path / "ckpt.pt"
     torch.save({"args": argparse.Namespace(arch="transformer"), "model": {}}, path)
@@ -39,9 +39,9 @@ def test_stock_checkpoint_generates_with_user_dir(tiny_data_bin, tiny_checkpoint
 @pytest.mark.parametrize("n,max_sentences", [(12, 64), (100, 16), (96, 16), (1, 8)])
 def test_no_sentence_is_dropped_by_batching(n, max_sentences):
     import numpy as np
+    from fairseq.data import data_utils
 
     import fairseq_plugins  # noqa: F401  (applies the fix)
-    from fairseq.data import data_utils
 
     batches = data_utils.batch_by_size(
         np.arange(n), lambda i: 5, max_sentences=max_sentences, required_batch_size_multiple=8

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import PLUGIN_DIR, ROOT, TINY_ARCH, batches, cli, load_task_model, run
 
 SOFT_BEAM = ["--user-dir", PLUGIN_DIR, "--task", "translation_soft_beam", "--criterion", "soft_beam",

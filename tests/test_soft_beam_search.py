@@ -6,8 +6,8 @@ from argparse import Namespace
 import pytest
 import torch
 from fairseq.tasks.translation import TranslationTask
-
 from helpers import batches, load_task_model
+
 from soft_beam.search import SearchConfig, beam_search
 
 pytestmark = pytest.mark.slow  # needs the tiny model trained by stock fairseq-train

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from soft_beam import SolverInfo, soft_topk, sorted_soft_topk
-from soft_beam import ot
+from soft_beam import SolverInfo, ot, soft_topk, sorted_soft_topk
 
 
 def gapped_scores(rows, n, seed=0, dtype=torch.float64):
