@@ -143,7 +143,10 @@ def main():
     beams = [int(b) for b in args.beams.split(",")]
 
     print(f"# machine: {machine()}, device {args.device}")
-    print(f"# model: {' '.join(MODEL_ARGS)}; {'checkpoint ' + str(args.checkpoint) if args.checkpoint else 'random init'}")
+    if args.checkpoint:
+        print(f"# model: checkpoint {args.checkpoint} (its own architecture)")
+    else:
+        print(f"# model: {' '.join(MODEL_ARGS)}; random init")
     results = {"machine": machine(), "device": args.device, "train": {}, "generate": {}}
 
     parts = set(args.parts.split(","))
