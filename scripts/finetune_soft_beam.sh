@@ -29,20 +29,7 @@ shift 3
 [[ -d $DATA_DIR/data-bin ]] || { echo "finetune_soft_beam.sh: $DATA_DIR/data-bin not found (run data_prep/prepare-*.sh)" >&2; exit 1; }
 [[ -f $INIT ]] || { echo "finetune_soft_beam.sh: initial checkpoint $INIT not found" >&2; exit 1; }
 
-if [[ -z ${FAIRSEQ_TRAIN:-} ]]; then
-    if [[ -x $REPO/.venv/bin/fairseq-train ]]; then FAIRSEQ_TRAIN=$REPO/.venv/bin/fairseq-train; else FAIRSEQ_TRAIN=fairseq-train; fi
-fi
-if [[ -z ${DEVICE_ARGS+x} ]]; then
-    PY=$(dirname "$FAIRSEQ_TRAIN")/python
-    [[ -x $PY ]] || PY=python
-    if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then DEVICE_ARGS=""; else DEVICE_ARGS="--cpu"; fi
-fi
-
-DEFAULT_ARCH="--arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3
- --encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
- --encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.3"
-read -r -a ARCH <<<"$(echo ${ARCH_ARGS:-$DEFAULT_ARCH})"
-read -r -a DEV <<<"$DEVICE_ARGS"
+source "$REPO/scripts/train_common.sh"  # FAIRSEQ_TRAIN, DEVICE_ARGS -> DEV, ARCH_ARGS -> ARCH
 
 mkdir -p "$SAVE_DIR"
 set -x
