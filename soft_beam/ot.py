@@ -169,8 +169,8 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
     stages.append((eps, tol))
     steps = (1.0, 0.25)
 
-    def newton_iteration(g, e, neg):
-        P, Q = _plan_from(g, neg, mu, e)
+    def newton_iteration(g, e, neg, plan):
+        P, Q = plan if plan is not None else _plan_from(g, neg, mu, e)
         b = P.sum(1)  # (B, m)
         grad = torch.where(active, nu - b, torch.zeros_like(b))
         # Newton: (L / e) delta = grad  ->  delta = e * L^{-1} grad
@@ -192,12 +192,13 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
         neg = _neg_cost(C, e, col_bias)
         n_stage = 0
         while True:
+            plan = None
             if n_stage % check_every == 0:
-                P, _ = _plan_from(g, neg, mu, e)
-                err = _relative_marginal_error(P, nu, active).max().item() if P.numel() else 0.0
+                plan = _plan_from(g, neg, mu, e)  # reused by the iteration below
+                err = _relative_marginal_error(plan[0], nu, active).max().item() if g.numel() else 0.0
                 if err <= target or n_stage >= max_iter:
                     break
-            g = newton_iteration(g, e, neg)
+            g = newton_iteration(g, e, neg, plan)
             iters += 1
             n_stage += 1
     method = "newton"
