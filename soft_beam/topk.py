@@ -17,7 +17,7 @@ __all__ = ["soft_topk", "sorted_soft_topk"]
 _FAILURE_MODES = ("warn", "raise", "ignore")
 
 
-def _check(scores, k, epsilon, tol, max_iter, on_failure, n_axis_len):
+def _check(scores, k, epsilon, tol, max_iter, on_failure, dim=-1):
     if not isinstance(scores, torch.Tensor):
         raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if not scores.is_floating_point():
@@ -34,8 +34,9 @@ def _check(scores, k, epsilon, tol, max_iter, on_failure, n_axis_len):
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if on_failure not in _FAILURE_MODES:
         raise ValueError(f"on_failure must be one of {_FAILURE_MODES}, got {on_failure!r}")
-    if k > n_axis_len:
-        raise ValueError(f"k={k} is larger than the number of scores n={n_axis_len}")
+    n = scores.shape[dim]
+    if k > n:
+        raise ValueError(f"k={k} is larger than the number of scores n={n}")
 
 
 def _check_values(x: torch.Tensor, k: int) -> None:
@@ -118,12 +119,8 @@ def soft_topk(
         return_info: also return a :class:`SolverInfo`.
         on_failure: "warn" (default), "raise" or "ignore" when tol is not reached.
     """
-    if not isinstance(scores, torch.Tensor):
-        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.dim() == 0:
-        raise ValueError("scores must have at least one dimension")
+    _check(scores, k, epsilon, tol, max_iter, on_failure, dim)
     x = scores.movedim(dim, -1)
-    _check(scores, k, epsilon, tol, max_iter, on_failure, x.shape[-1])
     out, lead, info = _transport(x, k, epsilon, _two_anchors, _two_masses, tol, max_iter, on_failure)
     result = out[..., 0].reshape(*lead, x.shape[-1]).to(scores.dtype).movedim(-1, dim)  # (..., n) -> like scores
     return (result, info) if return_info else result
@@ -149,9 +146,7 @@ def sorted_soft_topk(
     ``torch.topk(scores, k).indices[..., j]`` (for scores without ties among the top k + 1).
     Arguments as in :func:`soft_topk`; the scores lie along the last axis.
     """
-    if not isinstance(scores, torch.Tensor) or scores.dim() == 0:
-        _check(scores, k, epsilon, tol, max_iter, on_failure, 0)
-    _check(scores, k, epsilon, tol, max_iter, on_failure, scores.shape[-1])
+    _check(scores, k, epsilon, tol, max_iter, on_failure)
     out, lead, info = _transport(scores, k, epsilon, _rank_anchors, _rank_masses, tol, max_iter, on_failure)
     result = out[..., :k].reshape(*lead, scores.shape[-1], k).to(scores.dtype)  # (B, n, k) -> (..., n, k)
     return (result, info) if return_info else result
