@@ -291,6 +291,8 @@ def run_protocol(args) -> dict:
     runs = {"mle_base": [train_run(args, "mle_base", base_dir, base_cmd, base_env, args.mle_updates)]}
     base_ckpt = base_dir / "checkpoint_last.pt"
     evals = {"mle_base": [evaluate(args, data, base_ckpt, base_dir / "test.eval.json")]}
+    if args.base_only:
+        return {"mle_base": {"train": runs["mle_base"][0], "test": evals["mle_base"][0]}}
 
     for seed in range(1, args.seeds + 1):
         for arm in args.arms:
@@ -671,6 +673,11 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, default=None, help="default: --results with .json")
     p.add_argument("--plot", type=Path, default=None, help="default: --results with _valid_bleu.png")
     p.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
+    p.add_argument(
+        "--base-only",
+        action="store_true",
+        help="stop after the base MLE run and its test score (printed as JSON); a later run with the same --work reuses it",
+    )
     args = p.parse_args(argv)
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in args.arms if a not in ("mle", "soft_hamming", "soft_risk")]
@@ -703,6 +710,9 @@ def main(argv=None) -> int:
     except BenchError as e:
         print(f"bench_bleu.py: error: {e}", file=sys.stderr)
         return 1
+    if args.base_only:
+        print(json.dumps(summary, indent=2))
+        return 0
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot(summary, args.plot, args.mle_updates)
