@@ -44,7 +44,6 @@ def allow_fairseq_checkpoints() -> None:
             module.torch = _TorchLoadingFullCheckpoints("torch")
 
 
-
 def _batch_by_size_keeping_the_tail(original):
     def batch_by_size(indices, num_tokens_fn, num_tokens_vec=None, max_tokens=None, max_sentences=None,
                       required_batch_size_multiple=1, fixed_shapes=None):  # fmt: skip

@@ -29,13 +29,13 @@ BEAM_LOSSES = ChoiceEnum(["hamming", "risk"])
 class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
     beam_loss: BEAM_LOSSES = field(
         default="hamming",
-        metadata={"help": "loss on the search result: 'hamming' (relaxed token errors of the top hypothesis "
-                  "against the reference) or 'risk' (expected 1 - sentence BLEU under the softmax of the final "
-                  "hypothesis scores)"},
+        metadata={
+            "help": "loss on the search result: 'hamming' (relaxed token errors of the top hypothesis "
+            "against the reference) or 'risk' (expected 1 - sentence BLEU under the softmax of the final "
+            "hypothesis scores)"
+        },
     )
-    mle_weight: float = field(
-        default=0.5, metadata={"help": "loss = mle_weight * label-smoothed MLE + (1 - mle_weight) * beam loss"}
-    )
+    mle_weight: float = field(default=0.5, metadata={"help": "loss = mle_weight * label-smoothed MLE + (1 - mle_weight) * beam loss"})
     max_len_a: float = field(default=1.2, metadata={"help": "search max length = a * source length + b"})
     max_len_b: int = field(default=10, metadata={"help": "search max length = a * source length + b"})
 
@@ -79,9 +79,7 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         report_accuracy=False,
     ):
         if not isinstance(task, TranslationSoftBeamTask):
-            raise ValueError(
-                f"the soft_beam criterion needs --task translation_soft_beam, got the task {type(task).__name__}"
-            )
+            raise ValueError(f"the soft_beam criterion needs --task translation_soft_beam, got the task {type(task).__name__}")
         if not 0.0 <= mle_weight <= 1.0:
             raise ValueError(f"--mle-weight must be in [0, 1], got {mle_weight}")
         if max_len_b < 1 or max_len_a < 0:
@@ -103,9 +101,7 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         encoder_out = fs_model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mle_weight > 0):
-            net_output = fs_model.decoder(
-                net_input["prev_output_tokens"], encoder_out=encoder_out, src_lengths=net_input["src_lengths"]
-            )
+            net_output = fs_model.decoder(net_input["prev_output_tokens"], encoder_out=encoder_out, src_lengths=net_input["src_lengths"])
             mle_loss, nll_loss = self.compute_loss(fs_model, net_output, sample, reduce=True)
 
         beam_loss, top_bleu, stats = self.search_loss(fs_model, sample, encoder_out)
@@ -153,8 +149,11 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             if self.beam_loss == "hamming":
                 losses.append(hamming_loss(hyps[0].reference_match, ref_len))
             else:
-                costs = torch.tensor([1.0 - sentence_bleu(t, ref) for t in token_lists], device=src_tokens.device)
-                scores = torch.stack([h.score for h in hyps]).float()
+                scores = torch.stack([h.score for h in hyps])
+                if scores.dtype in (torch.float16, torch.bfloat16):
+                    scores = scores.float()
+                costs = torch.tensor([1.0 - sentence_bleu(t, ref) for t in token_lists], dtype=scores.dtype,
+                                     device=src_tokens.device)  # fmt: skip
                 # Scaled by the reference length, so that it sums over tokens like the MLE loss.
                 losses.append(ref_len * risk_loss(scores, costs))
         return torch.stack(losses).sum(), top_bleu, stats
@@ -183,4 +182,3 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         # Summable logs take fairseq's all_reduce path; the other path (all_gather_list)
         # allocates CUDA buffers and fails on CPU-only distributed runs.
         return True
-

@@ -55,9 +55,7 @@ class FairseqStepModel:
         self.incremental_state: dict = {}
         # Self-attention caches get mixed. Encoder-decoder caches are equal across a sentence's
         # beams, so they need no mixing (fairseq skips their same-size reorders for that reason).
-        self.self_attentions = [
-            m for m in self.decoder.modules() if isinstance(m, MultiheadAttention) and m.self_attention
-        ]
+        self.self_attentions = [m for m in self.decoder.modules() if isinstance(m, MultiheadAttention) and m.self_attention]
 
     def step(self, tokens, input_embedding):
         ctx = self._embedding(input_embedding) if input_embedding is not None else contextlib.nullcontext()

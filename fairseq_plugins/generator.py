@@ -40,7 +40,8 @@ def check_generation_args(args) -> None:
         asked.append(f"--temperature={args.temperature!r}")
     if asked:
         raise ValueError(
-            "the soft-beam generator (task translation_soft_beam) does not support " + ", ".join(asked)
+            "the soft-beam generator (task translation_soft_beam) does not support "
+            + ", ".join(asked)
             + "; use --task translation for these"
         )
 

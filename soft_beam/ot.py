@@ -107,7 +107,7 @@ def _grounded_laplacian_solve(P, Q, rhs, active, ground):
     free = active & ~ground  # (B, m)
     both = free.unsqueeze(-1) & free.unsqueeze(-2)  # (B, m, m)
     # Fixed anchors get identity rows and columns and a zero right-hand side -> z_j = 0.
-    L = torch.where(both, L, torch.zeros_like(L)) + torch.where(free, 0.0, 1.0).unsqueeze(-1) * eye
+    L = torch.where(both, L, torch.zeros_like(L)) + (~free).to(L.dtype).unsqueeze(-1) * eye
     finfo = torch.finfo(L.dtype)
     ridge = math.sqrt(finfo.eps) * P.sum(1) + finfo.tiny  # (B, m)
     L = L + ridge.unsqueeze(-1) * eye

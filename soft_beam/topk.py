@@ -168,4 +168,3 @@ def _rank_anchors(k: int) -> torch.Tensor:
 def _rank_masses(k: int, cnt: torch.Tensor) -> torch.Tensor:
     each = (1.0 / cnt).expand(-1, k)  # (B, k)
     return torch.cat([each, 1 - k / cnt], dim=-1)  # (B, k + 1)
-

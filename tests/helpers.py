@@ -26,9 +26,7 @@ TINY_ARCH = [
 def run(cmd: list, cwd=None, env=None, timeout=600) -> str:
     """Runs a command; on failure raises with its whole output, so a test failure says why."""
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
-    proc = subprocess.run(
-        [str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{cmd[0]} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc.stdout + proc.stderr

@@ -70,9 +70,7 @@ def test_bench_bleu_smoke(tmp_path):
     assert "wrote" in out
 
     summary = json.loads(results.with_suffix(".json").read_text())
-    assert {"command", "machine", "settings", "data", "bleu_signature", "chrf_signature", "arms", "targets"} <= set(
-        summary
-    )
+    assert {"command", "machine", "settings", "data", "bleu_signature", "chrf_signature", "arms", "targets"} <= set(summary)
     assert summary["bleu_signature"].startswith("nrefs:1") and "nc:" in summary["chrf_signature"]
     assert summary["data"]["train_pairs"] <= 300 and summary["test_sentences"] == 1000
     assert summary["targets"]["full_protocol"] is False and summary["compute_s"] > 0

@@ -28,8 +28,23 @@ def test_train_help_with_user_dir():
 
 @pytest.mark.slow
 def test_stock_checkpoint_generates_with_user_dir(tiny_data_bin, tiny_checkpoint):
-    args = [cli("fairseq-generate"), tiny_data_bin, "--path", tiny_checkpoint, "--gen-subset", "test",
-            "--beam", "2", "--max-len-a", "1.2", "--max-len-b", "5", "--batch-size", "16", "--cpu"]
+    args = [
+        cli("fairseq-generate"),
+        tiny_data_bin,
+        "--path",
+        tiny_checkpoint,
+        "--gen-subset",
+        "test",
+        "--beam",
+        "2",
+        "--max-len-a",
+        "1.2",
+        "--max-len-b",
+        "5",
+        "--batch-size",
+        "16",
+        "--cpu",
+    ]
     with pytest.raises(AssertionError, match="weights_only"):
         run(args)  # stock fairseq-fixed on torch >= 2.6: the bug the plugin fixes
     out = run([*args, "--user-dir", PLUGIN_DIR])
@@ -43,8 +58,6 @@ def test_no_sentence_is_dropped_by_batching(n, max_sentences):
 
     import fairseq_plugins  # noqa: F401  (applies the fix)
 
-    batches = data_utils.batch_by_size(
-        np.arange(n), lambda i: 5, max_sentences=max_sentences, required_batch_size_multiple=8
-    )
+    batches = data_utils.batch_by_size(np.arange(n), lambda i: 5, max_sentences=max_sentences, required_batch_size_multiple=8)
     assert np.array_equal(np.concatenate(batches), np.arange(n))
     assert all(len(b) % 8 == 0 for b in batches[:-1]) and all(len(b) <= max_sentences for b in batches)

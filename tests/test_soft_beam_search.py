@@ -3,6 +3,7 @@ and the gradient of its losses reaches the model through the SOFT top-k."""
 
 from argparse import Namespace
 
+import fairseq.utils
 import pytest
 import torch
 from fairseq.tasks.translation import TranslationTask
@@ -62,17 +63,26 @@ def test_training_search_tends_to_hard_search_as_epsilon_goes_to_zero(tiny_data_
             agree.append(len(same))
             gaps.append(max(abs(float(a.score - b.score)) for a, b in same))
     assert agree == sorted(agree) and agree[0] < 20 and agree[-1] >= 38, agree
-    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 0.05, gaps
+    # (the largest gap need not fall at every epsilon: each step admits sentences with nearer ties)
+    assert gaps[-1] < 0.05 and gaps[-1] < gaps[0] / 10, gaps
 
 
 @pytest.mark.parametrize("beam_loss", ["hamming", "risk"])
-def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, tiny_checkpoint, beam_loss):
+def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, tiny_checkpoint, beam_loss, request, monkeypatch):
     args = ["--beam-loss", beam_loss, "--mle-weight", "0", "--soft-beam-size", "3",
-            "--soft-beam-epsilon", "0.1", "--soft-beam-tol", "1e-6"]  # fmt: skip
+            "--soft-beam-epsilon", "0.1", "--soft-beam-tol", "1e-10", "--soft-beam-state-grad", "full"]  # fmt: skip
     cfg, task, model = load_task_model(tiny_data_bin, tiny_checkpoint, *args, split="valid")
     criterion = task.build_criterion(cfg)
     sample = batches(task, "valid", max_sentences=6)[0]
     net_input = sample["net_input"]
+    # float64 throughout: in float32 the central difference is at the loss's rounding level and
+    # its result changed with the thread count. fairseq's softmax and log_softmax cast to float32.
+    model.double()
+    monkeypatch.setattr(fairseq.utils, "log_softmax", lambda x, dim, onnx_trace=False: torch.log_softmax(x, dim))
+    monkeypatch.setattr(fairseq.utils, "softmax", lambda x, dim, onnx_trace=False: torch.softmax(x, dim))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    request.addfinalizer(lambda: torch.set_default_dtype(previous))
 
     def loss():
         enc = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
@@ -90,7 +100,7 @@ def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, 
         d = torch.randn(p.shape, generator=g)
         d /= d.norm()
         analytic = float((p.grad * d).sum())
-        h = 3e-3
+        h = 1e-4
         with torch.no_grad():
             p += h * d
             up = float(loss())
@@ -99,7 +109,32 @@ def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, 
             p += h * d
         numeric = (up - down) / (2 * h)
         assert abs(analytic) > 1e-4, name
-        assert abs(numeric - analytic) <= 0.05 * abs(analytic), (name, numeric, analytic)
+        assert abs(numeric - analytic) <= 1e-5 * abs(analytic), (name, numeric, analytic)
+
+
+def test_values_state_grad_keeps_the_forward_and_still_reaches_the_model(tiny_data_bin, tiny_checkpoint):
+    """--soft-beam-state-grad values (the default) cuts only the weights -> next input/state path."""
+    results = {}
+    for mode in ("full", "values"):
+        args = ["--beam-loss", "hamming", "--mle-weight", "0", "--soft-beam-size", "3",
+                "--soft-beam-epsilon", "0.05", "--soft-beam-state-grad", mode]  # fmt: skip
+        cfg, task, model = load_task_model(tiny_data_bin, tiny_checkpoint, *args, split="valid")
+        criterion = task.build_criterion(cfg)
+        sample = batches(task, "valid", max_sentences=6)[0]
+        enc = model.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+        loss = criterion.search_loss(model, sample, enc)[0]
+        model.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[mode] = (float(loss), grads)
+    (full_loss, full_g), (values_loss, values_g) = results["full"], results["values"]
+    assert values_loss == full_loss
+    for name in ("encoder.layers.0.fc1.weight", "decoder.layers.0.self_attn.k_proj.weight"):
+        g = values_g[name]
+        assert torch.isfinite(g).all() and g.norm() > 0, name
+    # a different gradient: the cut path carries part of the exact one
+    diff = max(float((values_g[n] - full_g[n]).norm() / full_g[n].norm()) for n in values_g)
+    assert diff > 1e-3, diff
 
 
 @pytest.mark.cuda
@@ -117,3 +152,17 @@ def test_half_precision_training_step_on_cuda(tiny_data_bin, tiny_checkpoint, dt
     assert torch.isfinite(loss) and log["solver_calls"] > 0
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g.float()).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"beam": 0}, "beam must be an integer >= 1"),
+        ({"beam": 2, "epsilon": -1.0}, "epsilon must be a finite number >= 0"),
+        ({"beam": 2, "candidates": 3}, "candidates \\(3\\) must be at least 2 \\* beam"),
+        ({"beam": 2, "state_grad": "both"}, "state_grad must be 'full' or 'values'"),
+    ],
+)
+def test_search_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**kwargs)
