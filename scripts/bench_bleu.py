@@ -60,9 +60,7 @@ ARM_LABELS = {
     "soft_hamming": "soft beam, hamming loss",
     "soft_risk": "soft beam, risk loss",
 }
-PUBLISHED = (
-    "~37-41 BLEU (text-only transformer baselines on Multi30k en-de test2016 in the 2020-2022 multimodal MT literature)"
-)
+PUBLISHED = "~37-41 BLEU (text-only transformer baselines on Multi30k en-de test2016 in the 2020-2022 multimodal MT literature)"
 
 
 class BenchError(Exception):
@@ -110,9 +108,7 @@ def parse_fairseq_log(text: str) -> dict:
                 except ValueError:
                     continue
                 prefix = tag + "_" if tag != "train_inner" else ""
-                out[tag].append(
-                    {(k[len(prefix) :] if prefix and k.startswith(prefix) else k): v for k, v in rec.items()}
-                )
+                out[tag].append({(k[len(prefix) :] if prefix and k.startswith(prefix) else k): v for k, v in rec.items()})
     return out
 
 
@@ -193,11 +189,7 @@ def eval_bleu_args(args, every: int) -> list[str]:
         "1000000",
         "--max-tokens-valid",
         str(args.max_tokens_valid),
-    ] + (
-        ["--batch-size-valid", str(args.max_valid_sentences), "--max-valid-steps", "1"]
-        if args.max_valid_sentences
-        else []
-    )
+    ] + (["--batch-size-valid", str(args.max_valid_sentences), "--max-valid-steps", "1"] if args.max_valid_sentences else [])
 
 
 def common_env(args, seed: int, updates: int) -> dict:
@@ -232,9 +224,7 @@ def train_run(args, name: str, save: Path, cmd: list, env: dict, updates: int) -
         log=str(log),
     )
     if stats["num_updates"] < updates or not (save / "checkpoint_last.pt").is_file():
-        raise BenchError(
-            f"{name}: expected {updates} updates and {save}/checkpoint_last.pt; log says {stats['num_updates']} ({log})"
-        )
+        raise BenchError(f"{name}: expected {updates} updates and {save}/checkpoint_last.pt; log says {stats['num_updates']} ({log})")
     marker.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -320,9 +310,7 @@ def run_protocol(args) -> dict:
                     "SEARCH_MAX_LEN_B": str(args.search_max_len_b),
                 }
                 cmd = ["bash", ROOT / "scripts" / "finetune_soft_beam.sh", data, base_ckpt, save, *extra]
-            runs.setdefault(arm, []).append(
-                train_run(args, f"seed{seed}/{arm}", save, cmd, env, args.continue_updates) | {"seed": seed}
-            )
+            runs.setdefault(arm, []).append(train_run(args, f"seed{seed}/{arm}", save, cmd, env, args.continue_updates) | {"seed": seed})
             evals.setdefault(arm, []).append(evaluate(args, data, save / "checkpoint_last.pt", save / "test.eval.json"))
 
     return summarise(args, prep, runs, evals, time.time() - t_start)
@@ -377,19 +365,13 @@ def summarise(args, prep, runs, evals, elapsed) -> dict:
         ):
             a[key] = a[src] / mle[src] if mle.get(src) and a.get(src) else None
         a["delta_bleu_vs_mle"] = (
-            (a["bleu_mean"] - mle["bleu_mean"])
-            if mle.get("bleu_mean") is not None and a["bleu_mean"] is not None
-            else None
+            (a["bleu_mean"] - mle["bleu_mean"]) if mle.get("bleu_mean") is not None and a["bleu_mean"] is not None else None
         )
     sig = evals["mle_base"][0]
     soft = [a for k, a in arms.items() if k.startswith("soft_")]
     targets = {
-        "soft_beam_plus_1_bleu": {
-            a["label"]: (a["delta_bleu_vs_mle"] is not None and a["delta_bleu_vs_mle"] >= 1.0) for a in soft
-        },
-        "cost_ratio_at_most_3x": {
-            a["label"]: (a["cost_ratio_vs_mle"] is not None and a["cost_ratio_vs_mle"] <= 3.0) for a in soft
-        },
+        "soft_beam_plus_1_bleu": {a["label"]: (a["delta_bleu_vs_mle"] is not None and a["delta_bleu_vs_mle"] >= 1.0) for a in soft},
+        "cost_ratio_at_most_3x": {a["label"]: (a["cost_ratio_vs_mle"] is not None and a["cost_ratio_vs_mle"] <= 3.0) for a in soft},
         "full_protocol": args.seeds >= 3 and not args.subset and not args.tiny,
     }
     return {
@@ -419,9 +401,7 @@ def machine_info(args) -> dict:
         "gpu": None,
     }
     try:
-        mem_kb = int(
-            next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1]
-        )
+        mem_kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
         info["ram_gib"] = round(mem_kb / 2**20, 1)
     except (OSError, StopIteration, ValueError):
         pass
@@ -535,11 +515,7 @@ def write_markdown(summary: dict, path: Path, plot_path: Path, json_path: Path) 
             f"{fmt(a['max_rss_mib'], 0)} |"
         )
     L.append("")
-    L.append(
-        "Per-seed BLEU: "
-        + "; ".join(f"{a['label']}: {', '.join(fmt(b) for b in a['bleu'])}" for a in arms.values())
-        + "\n"
-    )
+    L.append("Per-seed BLEU: " + "; ".join(f"{a['label']}: {', '.join(fmt(b) for b in a['bleu'])}" for a in arms.values()) + "\n")
     L.append(
         f"BLEU signature: `{summary['bleu_signature']}`  \nchrF signature: `{summary['chrf_signature']}`  \n"
         f"({summary['test_sentences']} test sentences, detokenised hypotheses against the raw references.)\n"
@@ -611,12 +587,8 @@ def write_markdown(summary: dict, path: Path, plot_path: Path, json_path: Path) 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument(
-        "--work", type=Path, default=ROOT / "runs" / "bench_bleu", help="working folder (data, checkpoints, logs)"
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_bleu", help="working folder (data, checkpoints, logs)")
     p.add_argument("--raw-dir", type=Path, default=DEFAULT_RAW, help="Multi30k raw .gz files")
     p.add_argument("--subset", type=int, default=None, help="keep only the first N training pairs")
     p.add_argument("--vocab-size", type=int, default=8000)
@@ -637,17 +609,13 @@ def parse_args(argv=None):
     p.add_argument("--continue-lr", type=float, default=1e-4)
     p.add_argument("--validate-every", type=int, default=None, help="default: continue-updates / 4")
     p.add_argument("--seeds", type=int, default=3, help="continuation seeds 1..N (the base MLE run is shared)")
-    p.add_argument(
-        "--arms", default="mle,soft_hamming,soft_risk", help="comma-separated subset of mle,soft_hamming,soft_risk"
-    )
+    p.add_argument("--arms", default="mle,soft_hamming,soft_risk", help="comma-separated subset of mle,soft_hamming,soft_risk")
     p.add_argument("--mle-weight", type=float, default=0.5)
     p.add_argument("--soft-beam-size", type=int, default=4)
     p.add_argument("--soft-beam-epsilon", type=float, default=0.01)
     p.add_argument("--beam", type=int, default=5, help="beam of validation and test decoding")
     p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument(
-        "--continue-max-tokens", type=int, default=None, help="batch size of the continuations (default: --max-tokens)"
-    )
+    p.add_argument("--continue-max-tokens", type=int, default=None, help="batch size of the continuations (default: --max-tokens)")
     p.add_argument(
         "--search-max-len-b",
         type=int,
@@ -661,9 +629,7 @@ def parse_args(argv=None):
         default=None,
         help="validate (--eval-bleu) on only the first batch of this many sentences (smoke tests; default: all)",
     )
-    p.add_argument(
-        "--eval-max-len-a", type=float, default=1.2, help="decoding length limit a*src + b, validation and test"
-    )
+    p.add_argument("--eval-max-len-a", type=float, default=1.2, help="decoding length limit a*src + b, validation and test")
     p.add_argument("--eval-max-len-b", type=int, default=10)
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="tiny model (smoke tests; meaningless BLEU)")

@@ -340,8 +340,7 @@ class Runner:
         big = n >= a.big_n
         reps = 1 if big else a.reps
         label = dict(k=k, n=n, eps=eps)
-        methods = [("topk", m_topk), ("ours-fwd", m_ours_fwd), ("ours-fb", m_ours_fb),
-                   ("unrolled", m_unrolled), ("ref-plain", m_ref_plain)]
+        methods = [("topk", m_topk), ("ours-fwd", m_ours_fwd), ("ours-fb", m_ours_fb), ("unrolled", m_unrolled), ("ref-plain", m_ref_plain)]
         if eps <= 1e-2:
             methods.append(("ref-release", m_ref_release))
         skip: dict[str, str] = {}
@@ -356,8 +355,10 @@ class Runner:
                     skip[name] = reason + " (from 8 rows)"
             gb, per_iter_mb = self.unrolled_bytes_gb(x, k, eps, grad)
             if gb > a.mem_cap_gb:
-                skip["unrolled"] = (f"skipped: would save {gb:.1f} GB for backward "
-                                    f"({per_iter_mb:.0f} MB per iteration x {REF_ITERS}) > cap {a.mem_cap_gb:g} GB")
+                skip["unrolled"] = (
+                    f"skipped: would save {gb:.1f} GB for backward "
+                    f"({per_iter_mb:.0f} MB per iteration x {REF_ITERS}) > cap {a.mem_cap_gb:g} GB"
+                )
             for name in ("unrolled", "ref-plain", "ref-release"):
                 if name in skip or name not in dict(methods):
                     continue
@@ -429,8 +430,7 @@ class Runner:
                 notes[name] = ["timed after the interleaved reps (not interleaved)"]
                 matched = name
         # Rows.
-        order = [nm for nm, _ in methods] + ([matched] if matched else []) + [
-            nm for nm in skip if nm.startswith("ours-fb@")]
+        order = [nm for nm, _ in methods] + ([matched] if matched else []) + [nm for nm in skip if nm.startswith("ours-fb@")]
         for nm in order:
             row = dict(label, method=nm, reps=len(times.get(nm, [])))
             if nm in skip:
@@ -448,25 +448,28 @@ class Runner:
             self.rows.append(row)
         # Speed-ups of ours over each reference row, at equal or smaller error.
         ours_candidates = [nm for nm in ("ours-fb", matched) if nm and nm in times]
-        for row in self.rows[-len(order):]:
+        for row in self.rows[-len(order) :]:
             if row["method"] not in ("ref-plain", "ref-release", "unrolled") or "skipped" in row:
                 continue
             ref_err = row["err"]
-            ok = [nm for nm in ours_candidates if ref_err is not None and math.isfinite(ref_err)
-                  and errs[nm] <= ref_err]
+            ok = [nm for nm in ours_candidates if ref_err is not None and math.isfinite(ref_err) and errs[nm] <= ref_err]
             if ref_err is None or not math.isfinite(ref_err):
                 row["speedup"] = "n/a (reference plan NaN/inf)"
             elif not ok:
                 best = min(ours_candidates, key=lambda nm: errs[nm]) if ours_candidates else None
-                row["speedup"] = (f"n/a at equal error (ours err {fmt_err(errs[best])} > ref; raw ratio "
-                                  f"{row['ms'] / statistics.median(times['ours-fb']):.2g}x)"
-                                  ) if best else "n/a (ours skipped)"
+                row["speedup"] = (
+                    (
+                        f"n/a at equal error (ours err {fmt_err(errs[best])} > ref; raw ratio "
+                        f"{row['ms'] / statistics.median(times['ours-fb']):.2g}x)"
+                    )
+                    if best
+                    else "n/a (ours skipped)"
+                )
             else:
                 nm = ok[0]  # default tol first, the matched-tol run only if needed
                 s = row["ms"] / statistics.median(times[nm])
-                row["speedup"] = (f"{s:.1f}x" + (" vs " + nm if nm != "ours-fb" else "")
-                                  + (" (>=5x: yes)" if s >= 5 else " (>=5x: NO)"))
-        return [r for r in self.rows[-len(order):]]
+                row["speedup"] = f"{s:.1f}x" + (" vs " + nm if nm != "ours-fb" else "") + (" (>=5x: yes)" if s >= 5 else " (>=5x: NO)")
+        return [r for r in self.rows[-len(order) :]]
 
     def memory_table(self, k=10, n=None, iters=(50, 100, 200, 400), eps=1e-3):
         """Saved-for-backward bytes vs iteration count: unrolled Sinkhorn vs ours (implicit)."""
@@ -479,14 +482,30 @@ class Runner:
         for it in iters:
             mb, peak, (P, extra) = memory_run(lambda it=it: m_unrolled(x, k, eps, grad, n_iter=it), dev)
             t, _ = timed(lambda it=it: m_unrolled(x, k, eps, grad, n_iter=it), dev)
-            rows.append(dict(method=f"unrolled log-domain Sinkhorn, {it} it", iters=it, saved_mb=mb,
-                             cuda_peak_mb=peak, err=marginal_error(P, extra["mu"], extra["nu"]), ms=t))
+            rows.append(
+                dict(
+                    method=f"unrolled log-domain Sinkhorn, {it} it",
+                    iters=it,
+                    saved_mb=mb,
+                    cuda_peak_mb=peak,
+                    err=marginal_error(P, extra["mu"], extra["nu"]),
+                    ms=t,
+                )
+            )
         for e in (1e-1, 1e-2, 1e-3):
             mb, peak, (_, extra) = memory_run(lambda e=e: m_ours_fb(x, k, e, grad), dev)
             t, _ = timed(lambda e=e: m_ours_fb(x, k, e, grad), dev)
             info = extra["info"]
-            rows.append(dict(method=f"ours (implicit), eps {e:g}", iters=info.iterations, saved_mb=mb,
-                             cuda_peak_mb=peak, err=info.marginal_error, ms=t))
+            rows.append(
+                dict(
+                    method=f"ours (implicit), eps {e:g}",
+                    iters=info.iterations,
+                    saved_mb=mb,
+                    cuda_peak_mb=peak,
+                    err=info.marginal_error,
+                    ms=t,
+                )
+            )
         return dict(k=k, n=n, eps=eps, rows=rows)
 
 
@@ -495,14 +514,16 @@ class Runner:
 
 def main_table_md(rows, device):
     cuda = device.type == "cuda"
-    head = "| k | n | eps | method | reps | median ms | saved MB |" + (" CUDA peak MB |" if cuda else "") + \
-        " marginal err | ours-fb speed-up vs this | notes |"
+    head = (
+        "| k | n | eps | method | reps | median ms | saved MB |"
+        + (" CUDA peak MB |" if cuda else "")
+        + " marginal err | ours-fb speed-up vs this | notes |"
+    )
     sep = "|" + "---|" * (head.count("|") - 1)
     out = [head, sep]
     for r in rows:
         if "skipped" in r:
-            cells = [r["k"], r["n"], f"{r['eps']:g}", r["method"], 0, "-", "-"] + (["-"] if cuda else []) + \
-                ["-", "-", r["skipped"]]
+            cells = [r["k"], r["n"], f"{r['eps']:g}", r["method"], 0, "-", "-"] + (["-"] if cuda else []) + ["-", "-", r["skipped"]]
         else:
             cells = [r["k"], r["n"], f"{r['eps']:g}", r["method"], r["reps"], fmt_ms(r["ms"]), f"{r['saved_mb']:.1f}"]
             if cuda:
@@ -514,10 +535,12 @@ def main_table_md(rows, device):
 
 def memory_table_md(mt, device):
     cuda = device.type == "cuda"
-    out = [f"Batch {BATCH}, k = {mt['k']}, n = {mt['n']}, float32; unrolled at eps {mt['eps']:g}; one run each.", "",
-           "| method | solver iterations | saved MB |" + (" CUDA peak MB |" if cuda else "")
-           + " marginal err | ms (1 run) |",
-           "|---|---|---|" + ("---|" if cuda else "") + "---|---|"]
+    out = [
+        f"Batch {BATCH}, k = {mt['k']}, n = {mt['n']}, float32; unrolled at eps {mt['eps']:g}; one run each.",
+        "",
+        "| method | solver iterations | saved MB |" + (" CUDA peak MB |" if cuda else "") + " marginal err | ms (1 run) |",
+        "|---|---|---|" + ("---|" if cuda else "") + "---|---|",
+    ]
     for r in mt["rows"]:
         cells = [r["method"], r["iters"], f"{r['saved_mb']:.1f}"]
         if cuda:
@@ -534,13 +557,22 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--markdown", type=Path, help="write the tables as markdown to this file")
     p.add_argument("--big-n", type=int, default=10000, help="cells with n >= this run 1 repetition")
-    p.add_argument("--cell-cap-s", type=float, default=None,
-                   help="skip a method in a cell whose projected time exceeds this (CPU; default 45, 0 = none)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="skip heavy methods that would overrun this total (CPU; default 840, 0 = none)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1 on CPU: on a shared machine, OpenMP threads competing "
-                        "with other jobs made runs up to 10x slower and very noisy)")
+    p.add_argument(
+        "--cell-cap-s",
+        type=float,
+        default=None,
+        help="skip a method in a cell whose projected time exceeds this (CPU; default 45, 0 = none)",
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=None, help="skip heavy methods that would overrun this total (CPU; default 840, 0 = none)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on CPU: on a shared machine, OpenMP threads competing "
+        "with other jobs made runs up to 10x slower and very noisy)",
+    )
     p.add_argument("--mem-cap-gb", type=float, default=4.0, help="skip unrolled autograd saving more than this")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -560,15 +592,22 @@ def main(argv=None):
         args.reps = min(args.reps, 3)
         mem_kw = dict(k=4, iters=(50, 100, 200))
     else:
-        grid = [(k, n, e) for n_kind in ("pruned", "full") for k in (4, 5, 10)
-                for n in [2 * k * k if n_kind == "pruned" else 10000 * k] for e in (0.1, 0.01, 0.001)]
+        grid = [
+            (k, n, e)
+            for n_kind in ("pruned", "full")
+            for k in (4, 5, 10)
+            for n in [2 * k * k if n_kind == "pruned" else 10000 * k]
+            for e in (0.1, 0.01, 0.001)
+        ]
         mem_kw = dict(k=10)
 
     cmd = "python scripts/bench_soft_topk.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = machine_description(device)
-    print(f"# {cmd}\n# {header}\n# batch {BATCH}, float32, reps {args.reps} (1 for n >= {args.big_n}), "
-          f"cell cap {args.cell_cap_s:g} s, budget {args.budget_s:g} s, unrolled mem cap {args.mem_cap_gb:g} GB",
-          flush=True)
+    print(
+        f"# {cmd}\n# {header}\n# batch {BATCH}, float32, reps {args.reps} (1 for n >= {args.big_n}), "
+        f"cell cap {args.cell_cap_s:g} s, budget {args.budget_s:g} s, unrolled mem cap {args.mem_cap_gb:g} GB",
+        flush=True,
+    )
     runner = Runner(args, device)
     for k, n, eps in grid:
         rows = runner.cell(k, n, eps)
@@ -576,9 +615,12 @@ def main(argv=None):
             if "skipped" in r:
                 print(f"k={k} n={n} eps={eps:g} {r['method']:<16} {r['skipped']}", flush=True)
             else:
-                print(f"k={k} n={n} eps={eps:g} {r['method']:<16} {fmt_ms(r['ms']):>8} ms  "
-                      f"saved {r['saved_mb']:8.1f} MB  "
-                      f"err {fmt_err(r.get('err')):>8}  {r.get('speedup', '')}  {r.get('note', '')}", flush=True)
+                print(
+                    f"k={k} n={n} eps={eps:g} {r['method']:<16} {fmt_ms(r['ms']):>8} ms  "
+                    f"saved {r['saved_mb']:8.1f} MB  "
+                    f"err {fmt_err(r.get('err')):>8}  {r.get('speedup', '')}  {r.get('note', '')}",
+                    flush=True,
+                )
         print(f"  [{runner.elapsed():.0f} s elapsed]", flush=True)
     mt = runner.memory_table(**mem_kw)
     table = main_table_md(runner.rows, device)
@@ -586,8 +628,10 @@ def main(argv=None):
     total = runner.elapsed()
     print("\n" + table + "\n\n" + mtable + f"\n\ntotal {total:.0f} s", flush=True)
     if args.markdown:
-        args.markdown.write_text(f"Command: `{cmd}`\n\nMachine: {header}\n\nTotal run time: {total:.0f} s\n\n"
-                                 f"### Main table\n\n{table}\n\n### Backward memory vs iteration count\n\n{mtable}\n")
+        args.markdown.write_text(
+            f"Command: `{cmd}`\n\nMachine: {header}\n\nTotal run time: {total:.0f} s\n\n"
+            f"### Main table\n\n{table}\n\n### Backward memory vs iteration count\n\n{mtable}\n"
+        )
     return 0
 
 

@@ -206,7 +206,6 @@ def train_table(args, task, model, mle, setups, beams, results):
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-
 def generate_table(args, task, model, results):
     task.load_dataset("test")
     gen_args = Namespace(beam=args.gen_beam, lenpen=1.0, max_len_a=1.2, max_len_b=10, min_len=1, unkpen=0.0)
