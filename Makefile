@@ -13,3 +13,4 @@ demo: env
 
 lint: env
 	.venv/bin/ruff check soft_beam fairseq_plugins scripts tests
+	.venv/bin/ruff format --check soft_beam fairseq_plugins scripts tests
