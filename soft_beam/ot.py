@@ -15,6 +15,11 @@ whose gradient is nu - P^T 1 and whose negative Hessian is L / eps with
     L = diag(P^T 1) - P^T Q,    Q_ij = softmax_j(...) = P_ij / mu_i,
 an (m x m) graph Laplacian (rows sum to 0; D is invariant to g + c). We fix the gauge at each
 row's heaviest anchor (g = 0 there). The same small system gives the implicit backward.
+
+Layout: the entry points take and return (B, n, m), but the solver works on the transposes,
+(B, m, n), so that the softmax and log-sum-exp over the few anchors vectorise along the n sources.
+Over a last dimension of size 5 torch's CPU softmax is 20x slower (measured: 143 vs 6 us at
+64 x 32 x 5, 222 vs 32 ms at 64 x 40000 x 5).
 """
 
 from __future__ import annotations
@@ -42,35 +47,37 @@ class SolverInfo:
         return f"{self.method}: {state} after {self.iterations} iterations, marginal error {self.marginal_error:.2e}"
 
 
-def _neg_cost(C: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Tensor:
-    """-C / eps with -inf on inactive anchors: (B, n, m). Computed once per eps, so that each
+def _neg_cost(Ct: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Tensor:
+    """-C / eps with -inf on inactive anchors: (B, m, n). Computed once per eps, so that each
     evaluation of the logits (g_j - C_ij) / eps is a single broadcast add."""
-    return col_bias - C / eps
+    return col_bias - Ct / eps
 
 
 def _objective(g, neg, mu, nu, eps):
-    lse = torch.logsumexp(neg + (g / eps).unsqueeze(1), dim=-1)  # (B, n)
+    lse = torch.logsumexp(neg + (g / eps).unsqueeze(-1), dim=1)  # (B, n)
     return (g * nu).sum(-1) - eps * (mu * lse).sum(-1)
 
 
 def _plan_from(g, neg, mu, eps):
-    Q = torch.softmax(neg + (g / eps).unsqueeze(1), dim=-1)  # (B, n, m)
-    return mu.unsqueeze(-1) * Q, Q
+    """(P, Q), both (B, m, n): the plan and its column-normalised form Q = P / mu."""
+    Q = torch.softmax(neg + (g / eps).unsqueeze(-1), dim=1)  # (B, m, n)
+    return mu.unsqueeze(1) * Q, Q
 
 
 def semidual_objective(g, C, mu, nu, eps, col_bias):
-    """D(g) per row, shape (B,). Masked sources have mu = 0 and drop out."""
-    return _objective(g, _neg_cost(C, eps, col_bias), mu, nu, eps)
+    """D(g) per row, shape (B,), for C (B, n, m). Masked sources have mu = 0 and drop out."""
+    return _objective(g, _neg_cost(C.transpose(1, 2), eps, col_bias), mu, nu, eps)
 
 
 def _plan(g, C, mu, eps, col_bias):
-    """Returns (P, Q): the plan P (B, n, m) and its row-normalised form Q = P / mu."""
-    return _plan_from(g, _neg_cost(C, eps, col_bias), mu, eps)
+    """For C (B, n, m): the plan P (B, n, m) and its row-normalised form Q = P / mu."""
+    P, Q = _plan_from(g, _neg_cost(C.transpose(1, 2), eps, col_bias), mu, eps)
+    return P.transpose(1, 2), Q.transpose(1, 2)
 
 
 def _relative_marginal_error(P, nu, active):
-    # Per-row max over active anchors of |P^T 1 / nu - 1|: (B,)
-    b = P.sum(1)  # (B, m)
+    # Per-row max over active anchors of |P^T 1 / nu - 1|, P (B, m, n): (B,)
+    b = P.sum(-1)  # (B, m)
     rel = (b - nu).abs() / torch.where(active, nu, torch.ones_like(nu))
     return torch.where(active, rel, torch.zeros_like(rel)).amax(-1)
 
@@ -90,26 +97,26 @@ def _regauge(g: torch.Tensor, ground: torch.Tensor) -> torch.Tensor:
 
 
 def _grounded_laplacian_solve(P, Q, rhs, active, ground):
-    """Solves L z = rhs for L = diag(P^T 1) - P^T Q with z = 0 on the ground and inactive anchors.
+    """Solves L z = rhs with z = 0 on the ground anchor and on inactive anchors.
 
-    P, Q: (B, n, m); rhs, active, ground: (B, m). Returns z: (B, m).
+    P, Q: (B, m, n); rhs, active, ground: (B, m). Returns z: (B, m).
 
     A ridge sqrt(machine eps) * (P^T 1)_j keeps the system solvable when a group of anchors is
     cut off from the ground (small eps, ties: their coupling underflows to 0). L is singular
     there, but rhs sums to 0 over each such group, and the group's common shift cancels in
     the plan and in the backward; the ridge only keeps that shift from blowing up to inf.
     """
-    # Off-diagonal weights W_jl = sum_i P_ij Q_il; the diagonal is their row sum. Forming it as
+    # Off-diagonal weights W_jl = sum_i P_ji Q_li; the diagonal is their row sum. Forming it as
     # b_j - W_jj instead cancels catastrophically for a heavy anchor (both are close to 1).
-    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-    W = (P.transpose(1, 2) @ Q) * (1 - eye)  # (B, m, m)
+    eye = torch.eye(P.shape[1], dtype=P.dtype, device=P.device)
+    W = (P @ Q.transpose(1, 2)) * (1 - eye)  # (B, m, m)
     L = torch.diag_embed(W.sum(-1)) - W  # (B, m, m)
     free = active & ~ground  # (B, m)
     both = free.unsqueeze(-1) & free.unsqueeze(-2)  # (B, m, m)
     # Fixed anchors get identity rows and columns and a zero right-hand side -> z_j = 0.
     L = torch.where(both, L, torch.zeros_like(L)) + (~free).to(L.dtype).unsqueeze(-1) * eye
     finfo = torch.finfo(L.dtype)
-    ridge = math.sqrt(finfo.eps) * P.sum(1) + finfo.tiny  # (B, m)
+    ridge = math.sqrt(finfo.eps) * P.sum(-1) + finfo.tiny  # (B, m)
     L = L + ridge.unsqueeze(-1) * eye
     r = torch.where(free, rhs, torch.zeros_like(rhs))
     z, _ = torch.linalg.solve_ex(L, r.unsqueeze(-1))  # (B, m, 1); solve_ex: no error check, no sync
@@ -117,46 +124,54 @@ def _grounded_laplacian_solve(P, Q, rhs, active, ground):
 
 
 def _col_bias(active: torch.Tensor, dtype) -> torch.Tensor:
+    """0 on active anchors, -inf on inactive ones: (B, m, 1), to add to (B, m, n) logits."""
     zero = torch.zeros((), dtype=dtype, device=active.device)
-    return torch.where(active, zero, torch.full_like(zero, -math.inf)).unsqueeze(1)  # (B, 1, m)
+    return torch.where(active, zero, torch.full_like(zero, -math.inf)).unsqueeze(-1)
 
 
-def sinkhorn_potentials(C, mu, nu, eps, n_iter, g=None):
-    """Log-domain Sinkhorn: ``n_iter`` alternating updates; returns g (B, m), 0 on the ground anchor.
-
-    Plain torch ops, so autograd can unroll it (the tests and the benchmark do); the solver
-    below calls it under ``no_grad`` as a fallback.
-    """
+def _sinkhorn(Ct, mu, nu, eps, n_iter, g=None):
+    """Log-domain Sinkhorn on Ct (B, m, n); see ``sinkhorn_potentials``."""
     active = nu > 0
     ground = _ground(nu)
-    col_bias = _col_bias(active, C.dtype)
     log_nu = torch.where(active, nu, torch.ones_like(nu)).log()
+    log_mu = torch.log(mu).unsqueeze(1)  # (B, 1, n)
     if g is None:
         g = torch.zeros_like(nu)
-    neg = _neg_cost(C, eps, col_bias)
+    neg = _neg_cost(Ct, eps, _col_bias(active, Ct.dtype))
     for _ in range(n_iter):
         # f-update is implicit in the softmax; g_j <- g_j + eps * log(nu_j / (P^T 1)_j)
-        log_q = torch.log_softmax(neg + (g / eps).unsqueeze(1), dim=-1)  # (B, n, m)
-        log_b = torch.logsumexp(log_q + torch.log(mu).unsqueeze(-1), dim=1)  # (B, m)
+        log_q = torch.log_softmax(neg + (g / eps).unsqueeze(-1), dim=1)  # (B, m, n)
+        log_b = torch.logsumexp(log_q + log_mu, dim=-1)  # (B, m)
         g = _regauge(g + eps * torch.where(active, log_nu - log_b, torch.zeros_like(log_b)), ground)
     return g
 
 
+def sinkhorn_potentials(C, mu, nu, eps, n_iter, g=None):
+    """Log-domain Sinkhorn for C (B, n, m): ``n_iter`` alternating updates; returns g (B, m),
+    0 on the ground anchor.
+
+    Plain torch ops, so autograd can unroll it (the tests and the benchmark do); the solver
+    below calls it under ``no_grad`` as a fallback.
+    """
+    return _sinkhorn(C.transpose(1, 2), mu, nu, eps, n_iter, g)
+
+
 @torch.no_grad()
-def _solve(C, mu, nu, eps, tol, max_iter, check_every):
+def _solve(Ct, mu, nu, eps, tol, max_iter, check_every):
     """Newton's method on the semi-dual with eps-continuation and a safeguarded step.
 
-    Each iteration evaluates D at two damped Newton steps and at one Sinkhorn step and keeps
-    the best. The Sinkhorn step always ascends, so the solver never does worse than Sinkhorn;
-    the full Newton step converges quadratically once near the optimum.
+    Ct: (B, m, n), the cost transposed. Each iteration evaluates D at two damped Newton steps
+    and at one Sinkhorn step and keeps the best. The Sinkhorn step always ascends, so the
+    solver never does worse than Sinkhorn; the full Newton step converges quadratically once
+    near the optimum.
     Returns g (B, m), SolverInfo.
     """
     active = nu > 0
     ground = _ground(nu)
-    col_bias = _col_bias(active, C.dtype)
+    col_bias = _col_bias(active, Ct.dtype)
     log_nu = torch.where(active, nu, torch.ones_like(nu)).log()
     # Values of D closer than this are rounding noise; then the full Newton step is preferred.
-    noise = 64 * torch.finfo(C.dtype).eps
+    noise = 64 * torch.finfo(Ct.dtype).eps
     g = torch.zeros_like(nu)
     # Continuation: solve loosely at eps0 = 1, 0.1, ... before the target eps. Entering a
     # sharper problem from far away, the Hessian is exponentially small and Newton stalls; from
@@ -171,7 +186,7 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
 
     def newton_iteration(g, e, neg, plan):
         P, Q = plan if plan is not None else _plan_from(g, neg, mu, e)
-        b = P.sum(1)  # (B, m)
+        b = P.sum(-1)  # (B, m)
         grad = torch.where(active, nu - b, torch.zeros_like(b))
         # Newton: (L / e) delta = grad  ->  delta = e * L^{-1} grad
         delta = e * _grounded_laplacian_solve(P, Q, grad, active, ground)  # (B, m)
@@ -189,7 +204,7 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
     iters = 0
     err = math.inf
     for e, target in stages:
-        neg = _neg_cost(C, e, col_bias)
+        neg = _neg_cost(Ct, e, col_bias)
         n_stage = 0
         while True:
             plan = None
@@ -206,7 +221,7 @@ def _solve(C, mu, nu, eps, tol, max_iter, check_every):
         # Fallback: Sinkhorn from Newton's point, in chunks between convergence checks.
         method = "newton+sinkhorn"
         for _ in range(max_iter):
-            g = sinkhorn_potentials(C, mu, nu, eps, 10, g)
+            g = _sinkhorn(Ct, mu, nu, eps, 10, g)
             iters += 10
             P, _ = _plan_from(g, neg, mu, eps)
             err = _relative_marginal_error(P, nu, active).max().item()
@@ -221,13 +236,13 @@ class _EntropicTransport(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, C, mu, nu, eps, tol, max_iter, check_every, info_out):
-        g, info = _solve(C.detach(), mu, nu, eps, tol, max_iter, check_every)
+        Ct = C.detach().transpose(1, 2).contiguous()  # (B, m, n)
+        g, info = _solve(Ct, mu, nu, eps, tol, max_iter, check_every)
         info_out.append(info)
-        col_bias = _col_bias(nu > 0, C.dtype)
-        P, Q = _plan(g, C.detach(), mu, eps, col_bias)
+        P, Q = _plan_from(g, _neg_cost(Ct, eps, _col_bias(nu > 0, Ct.dtype)), mu, eps)  # (B, m, n)
         ctx.save_for_backward(P, Q, nu)
         ctx.eps = eps
-        return P
+        return P.transpose(1, 2)  # (B, n, m), a view
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -237,16 +252,16 @@ class _EntropicTransport(torch.autograd.Function):
         #   grad_C_il = P_il / eps * (sum_j G_ij Q_ij - G_il + z_l - (Q z)_i),
         #   L z = v - Q^T w,  w_i = sum_j W_ij,  v_j = sum_i W_ij,  z = 0 on the ground anchor
         # (v - Q^T w sums to 0, so any gauge gives the same grad_C).
-        P, Q, nu = ctx.saved_tensors
-        G = grad_P
-        W = G * P  # (B, n, m)
-        w = W.sum(-1)  # (B, n)
-        v = W.sum(1)  # (B, m)
-        u = v - torch.einsum("bij,bi->bj", Q, w)  # (B, m)
+        P, Q, nu = ctx.saved_tensors  # (B, m, n)
+        G = grad_P.transpose(1, 2)  # (B, m, n)
+        W = G * P  # (B, m, n)
+        w = W.sum(1)  # (B, n)
+        v = W.sum(-1)  # (B, m)
+        u = v - torch.einsum("bji,bi->bj", Q, w)  # (B, m)
         z = _grounded_laplacian_solve(P, Q, u, nu > 0, _ground(nu))  # (B, m)
-        row = (G * Q).sum(-1) - torch.einsum("bij,bj->bi", Q, z)  # (B, n)
-        grad_C = P / ctx.eps * (row.unsqueeze(-1) - G + z.unsqueeze(1))
-        return grad_C, None, None, None, None, None, None, None
+        col = (G * Q).sum(1) - torch.einsum("bji,bj->bi", Q, z)  # (B, n)
+        grad_C = P / ctx.eps * (col.unsqueeze(1) - G + z.unsqueeze(-1))  # (B, m, n)
+        return grad_C.transpose(1, 2), None, None, None, None, None, None, None
 
 
 def default_tolerance(dtype: torch.dtype) -> float:

@@ -148,7 +148,7 @@ def sorted_soft_topk(
     """
     _check(scores, k, epsilon, tol, max_iter, on_failure)
     out, lead, info = _transport(scores, k, epsilon, _rank_anchors, _rank_masses, tol, max_iter, on_failure)
-    result = out[..., :k].reshape(*lead, scores.shape[-1], k).to(scores.dtype)  # (B, n, k) -> (..., n, k)
+    result = out[..., :k].reshape(*lead, scores.shape[-1], k).to(scores.dtype).contiguous()  # (B, n, k) -> (..., n, k)
     return (result, info) if return_info else result
 
 
