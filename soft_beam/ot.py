@@ -54,7 +54,8 @@ def _neg_cost(Ct: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Ten
 
 
 def _objective(g, neg, mu, nu, eps):
-    lse = torch.logsumexp(neg + (g / eps).unsqueeze(-1), dim=1)  # (B, n)
+    """D(g): g (..., B, m) -> (..., B); a leading dimension evaluates several g at once."""
+    lse = torch.logsumexp(neg + (g / eps).unsqueeze(-1), dim=-2)  # (..., B, n)
     return (g * nu).sum(-1) - eps * (mu * lse).sum(-1)
 
 
@@ -184,8 +185,18 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every):
     stages.append((eps, tol))
     steps = (1.0, 0.25)
 
-    def newton_iteration(g, e, neg, plan):
-        P, Q = plan if plan is not None else _plan_from(g, neg, mu, e)
+    def evaluate(cands, neg, e):
+        """D and Q at several points: cands (S, B, m) -> values (S, B), Q (S, B, m, n)."""
+        logits = neg + (cands / e).unsqueeze(-1)  # (S, B, m, n)
+        top = logits.amax(-2, keepdim=True)  # (S, B, 1, n); finite: the ground anchor is active
+        Q = logits.sub_(top).exp_()  # in place: this is the largest temporary
+        total = Q.sum(-2, keepdim=True)  # (S, B, 1, n)
+        lse = (top + total.log()).squeeze(-2)  # (S, B, n)
+        values = (cands * nu).sum(-1) - e * (mu * lse).sum(-1)
+        return values, Q.div_(total)
+
+    def newton_iteration(g, e, neg, P, Q):
+        """One safeguarded step from g, whose plan is P, Q (B, m, n); returns the new g and Q."""
         b = P.sum(-1)  # (B, m)
         grad = torch.where(active, nu - b, torch.zeros_like(b))
         # Newton: (L / e) delta = grad  ->  delta = e * L^{-1} grad
@@ -193,27 +204,29 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every):
         log_b = torch.where(active, b, torch.ones_like(b)).clamp_min(torch.finfo(b.dtype).tiny).log()
         sink = torch.where(active, e * (log_nu - log_b), torch.zeros_like(b))
         candidates = torch.stack([g + a * delta for a in steps] + [_regauge(g + sink, ground)])  # (S, B, m)
-        values = torch.stack([_objective(c, neg, mu, nu, e) for c in candidates])  # (S, B)
+        values, Qs = evaluate(candidates, neg, e)  # one batched evaluation; Qs is the next plan
         values = torch.nan_to_num(values, nan=-math.inf, posinf=-math.inf)
         full = values[0]
         # (only where finite: -inf + noise * inf would be NaN, which argmax takes as the maximum)
         values[0] = torch.where(torch.isfinite(full), full + noise * (1 + full.abs()), full)
         best = values.argmax(0)  # (B,)
-        return candidates.gather(0, best.view(1, -1, 1).expand(1, *g.shape)).squeeze(0)
+        g = candidates.gather(0, best.view(1, -1, 1).expand(1, *g.shape)).squeeze(0)  # (B, m)
+        Q = Qs.gather(0, best.view(1, -1, 1, 1).expand(1, *Qs.shape[1:])).squeeze(0)  # (B, m, n)
+        return g, Q
 
     iters = 0
     err = math.inf
     for e, target in stages:
         neg = _neg_cost(Ct, e, col_bias)
+        P, Q = _plan_from(g, neg, mu, e)
         n_stage = 0
         while True:
-            plan = None
             if n_stage % check_every == 0:
-                plan = _plan_from(g, neg, mu, e)  # reused by the iteration below
-                err = _relative_marginal_error(plan[0], nu, active).max().item() if g.numel() else 0.0
+                err = _relative_marginal_error(P, nu, active).max().item() if g.numel() else 0.0
                 if err <= target or n_stage >= max_iter:
                     break
-            g = newton_iteration(g, e, neg, plan)
+            g, Q = newton_iteration(g, e, neg, P, Q)
+            P = mu.unsqueeze(1) * Q
             iters += 1
             n_stage += 1
     method = "newton"
