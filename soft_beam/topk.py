@@ -67,7 +67,30 @@ def _normalised_cost(x: torch.Tensor, anchors: torch.Tensor):
     span = torch.where(span > 0, span, torch.ones_like(span))  # all-equal row: z = 0 everywhere
     z = torch.where(finite, (safe - lo) / span, torch.zeros_like(safe))  # (B, n) in [0, 1]
     C = (z.unsqueeze(-1) - anchors) ** 2  # (B, n, m)
-    return C, finite, finite.sum(-1)
+    return C, z, finite, finite.sum(-1)
+
+
+def _monotone_potentials(z, finite, anchors, nu, cnt):
+    """Anchor potentials g (B, m) of the hard (eps = 0) plan: the solver's starting point.
+
+    In 1-D with squared cost the optimal plan is monotone: anchors sorted high to low (as both
+    ops build them) take the scores in order, anchor j the next n * nu_j of them. g_{j-1} - g_j
+    puts the indifference point of anchors j-1 and j midway between the last score of one and
+    the first of the next. Needs only the top (n * (1 - nu_last) + 1) scores: a topk, not a sort.
+    z (B, n) in [0, 1], finite (B, n), anchors (m,) decreasing, nu (B, m), cnt (B, 1).
+    """
+    n = z.shape[-1]
+    bounds = torch.round(cnt * nu.cumsum(-1))[:, :-1].long()  # (B, m-1): scores above boundary j
+    top = min(n, int(bounds.max()) + 1) if bounds.numel() else 1
+    zs = torch.where(finite, z, torch.full_like(z, -1.0)).topk(top, dim=-1).values  # (B, top), masked last
+    above = zs.gather(1, (bounds - 1).clamp(0, top - 1))  # (B, m-1) last score of anchor j-1
+    below = zs.gather(1, bounds.clamp(0, top - 1))  # (B, m-1) first score of anchor j
+    below = torch.where(bounds < cnt.long(), below, above - 1.0)  # no score left for anchor j
+    t = (above + below) / 2  # (B, m-1) indifference points
+    a_hi, a_lo = anchors[:-1], anchors[1:]
+    # anchor j-1 is preferred at score x iff g_{j-1} - g_j > (x - a_hi)^2 - (x - a_lo)^2; equal at t
+    step = (t - a_hi) ** 2 - (t - a_lo) ** 2  # (B, m-1) = g_{j-1} - g_j
+    return torch.cat([torch.zeros_like(t[:, :1]), -step.cumsum(-1)], dim=-1)  # (B, m), g_0 = 0
 
 
 def _transport(scores, k, epsilon, anchors_fn, nu_fn, tol, max_iter, on_failure):
@@ -79,11 +102,13 @@ def _transport(scores, k, epsilon, anchors_fn, nu_fn, tol, max_iter, on_failure)
         x = scores.reshape(-1, n).to(compute_dtype)  # (B, n)
         _check_values(x, k)
         anchors = anchors_fn(k).to(device=x.device, dtype=compute_dtype)  # (m,)
-        C, finite, count = _normalised_cost(x, anchors)
+        C, z, finite, count = _normalised_cost(x, anchors)
         cnt = count.to(compute_dtype).unsqueeze(-1)  # (B, 1)
         mu = finite.to(compute_dtype) / cnt  # (B, n)
         nu = nu_fn(k, cnt)  # (B, m)
-        P, info = entropic_transport(C, mu, nu, epsilon, tol=tol, max_iter=max_iter, on_failure=on_failure)
+        with torch.no_grad():
+            g0 = _monotone_potentials(z, finite, anchors, nu, cnt)
+        P, info = entropic_transport(C, mu, nu, epsilon, tol=tol, max_iter=max_iter, on_failure=on_failure, g0=g0)
         # n_valid * P: column masses 1/n become 1, row masses 1/n become 1.
         out = P * cnt.unsqueeze(-1)  # (B, n, m)
     return out, lead, info

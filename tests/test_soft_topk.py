@@ -104,17 +104,61 @@ def test_implicit_gradient_equals_unrolled_autograd(m_top):
 
 
 def test_backward_memory_does_not_depend_on_iterations():
-    # The graph keeps only the plan: its saved tensors are the same for 3 and 40 iterations.
-    x = gapped_scores(2, 30, seed=2).requires_grad_()
+    # The graph keeps only the plan: its saved tensors are the same for few and many iterations.
+    x = gapped_scores(2, 30, seed=2).double().requires_grad_()
     sizes = []
-    for eps in (1.0, 0.001):
-        out, info = sorted_soft_topk(x, 4, eps, return_info=True)
+    for tol in (1e-1, 1e-12):
+        out, info = sorted_soft_topk(x, 4, 1.0, tol=tol, return_info=True)
         saved = out.grad_fn
         while saved is not None and "EntropicTransport" not in type(saved).__name__:
             saved = saved.next_functions[0][0]
         sizes.append((info.iterations, sum(t.numel() for t in saved.saved_tensors)))
     assert sizes[0][0] < sizes[1][0]
     assert sizes[0][1] == sizes[1][1]
+
+
+# --- the solver's starting point ------------------------------------------------------------
+
+
+def _sorted_problem(x, k):
+    from soft_beam import topk
+
+    anchors = topk._rank_anchors(k).to(x.dtype)
+    C, z, finite, count = topk._normalised_cost(x, anchors)
+    cnt = count.to(x.dtype).unsqueeze(-1)
+    return C, z, finite, cnt, finite.to(x.dtype) / cnt, topk._rank_masses(k, cnt), anchors
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_monotone_potentials_give_the_hard_plan(masked):
+    from soft_beam import topk
+
+    k, n = 4, 12
+    x = gapped_scores(3, n, seed=5)
+    if masked:
+        x[0, : n - k] = -math.inf  # exactly k finite: the rest anchor is empty
+        x[1, :3] = -math.inf
+    C, z, finite, cnt, mu, nu, anchors = _sorted_problem(x, k)
+    g0 = topk._monotone_potentials(z, finite, anchors, nu, cnt)
+    P, _ = ot._plan(g0, C, mu, 1e-4, ot._col_bias(nu > 0, C.dtype))  # (3, n, k + 1)
+    ranks = torch.full_like(x, k, dtype=torch.long)  # the rest anchor
+    ranks.scatter_(1, torch.topk(x, k).indices, torch.arange(k).expand(3, k))
+    hard = torch.nn.functional.one_hot(ranks, k + 1).to(x.dtype) * mu.unsqueeze(-1)
+    torch.testing.assert_close(P, hard, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.01, 0.001])
+def test_starting_point_changes_the_cost_not_the_result(eps):
+    from soft_beam import topk
+
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    C, z, finite, cnt, mu, nu, anchors = _sorted_problem(x, 4)
+    g0 = topk._monotone_potentials(z, finite, anchors, nu, cnt)
+    warm, warm_info = ot.entropic_transport(C, mu, nu, eps, g0=g0)
+    cold, cold_info = ot.entropic_transport(C, mu, nu, eps)
+    assert warm_info.converged and cold_info.converged
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-8)
+    assert warm_info.iterations < cold_info.iterations, (warm_info, cold_info)
 
 
 # --- the hard limit ---------------------------------------------------------------------------
@@ -231,15 +275,15 @@ def test_solver_info():
 
 
 def test_non_convergence_warns_or_raises():
-    x = gapped_scores(2, 20)
+    x = torch.randn(2, 20, generator=torch.Generator().manual_seed(0))  # no gaps: a soft plan
     with pytest.warns(RuntimeWarning, match="did not reach tol"):
-        _, info = sorted_soft_topk(x, 3, 0.001, max_iter=1, tol=1e-15, return_info=True)
+        _, info = sorted_soft_topk(x, 3, 0.5, max_iter=1, tol=1e-15, return_info=True)
     assert not info.converged
     with pytest.raises(RuntimeError, match="did not reach tol"):
-        sorted_soft_topk(x, 3, 0.001, max_iter=1, tol=1e-15, on_failure="raise")
+        sorted_soft_topk(x, 3, 0.5, max_iter=1, tol=1e-15, on_failure="raise")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sorted_soft_topk(x, 3, 0.001, max_iter=1, tol=1e-15, on_failure="ignore")
+        sorted_soft_topk(x, 3, 0.5, max_iter=1, tol=1e-15, on_failure="ignore")
 
 
 @pytest.mark.parametrize(
