@@ -70,18 +70,17 @@ def _normalised_cost(x: torch.Tensor, anchors: torch.Tensor):
     return C, z, finite, finite.sum(-1)
 
 
-def _monotone_potentials(z, finite, anchors, nu, cnt):
+def _monotone_potentials(z, finite, anchors, nu, cnt, top):
     """Anchor potentials g (B, m) of the hard (eps = 0) plan: the solver's starting point.
 
     In 1-D with squared cost the optimal plan is monotone: anchors sorted high to low (as both
     ops build them) take the scores in order, anchor j the next n * nu_j of them. g_{j-1} - g_j
     puts the indifference point of anchors j-1 and j midway between the last score of one and
-    the first of the next. Needs only the top (n * (1 - nu_last) + 1) scores: a topk, not a sort.
+    the first of the next. Needs only the ``top`` largest scores, at least n * (1 - nu_last) + 1
+    (k + 1 for both ops; given by the caller, so that there is no host sync): a topk, not a sort.
     z (B, n) in [0, 1], finite (B, n), anchors (m,) decreasing, nu (B, m), cnt (B, 1).
     """
-    n = z.shape[-1]
     bounds = torch.round(cnt * nu.cumsum(-1))[:, :-1].long()  # (B, m-1): scores above boundary j
-    top = min(n, int(bounds.max()) + 1) if bounds.numel() else 1
     zs = torch.where(finite, z, torch.full_like(z, -1.0)).topk(top, dim=-1).values  # (B, top), masked last
     above = zs.gather(1, (bounds - 1).clamp(0, top - 1))  # (B, m-1) last score of anchor j-1
     below = zs.gather(1, bounds.clamp(0, top - 1))  # (B, m-1) first score of anchor j
@@ -107,7 +106,7 @@ def _transport(scores, k, epsilon, anchors_fn, nu_fn, tol, max_iter, on_failure)
         mu = finite.to(compute_dtype) / cnt  # (B, n)
         nu = nu_fn(k, cnt)  # (B, m)
         with torch.no_grad():
-            g0 = _monotone_potentials(z, finite, anchors, nu, cnt)
+            g0 = _monotone_potentials(z, finite, anchors, nu, cnt, top=min(n, k + 1))
         P, info = entropic_transport(C, mu, nu, epsilon, tol=tol, max_iter=max_iter, on_failure=on_failure, g0=g0)
         # n_valid * P: column masses 1/n become 1, row masses 1/n become 1.
         out = P * cnt.unsqueeze(-1)  # (B, n, m)

@@ -139,7 +139,7 @@ def test_monotone_potentials_give_the_hard_plan(masked):
         x[0, : n - k] = -math.inf  # exactly k finite: the rest anchor is empty
         x[1, :3] = -math.inf
     C, z, finite, cnt, mu, nu, anchors = _sorted_problem(x, k)
-    g0 = topk._monotone_potentials(z, finite, anchors, nu, cnt)
+    g0 = topk._monotone_potentials(z, finite, anchors, nu, cnt, top=5)
     P, _ = ot._plan(g0, C, mu, 1e-4, ot._col_bias(nu > 0, C.dtype))  # (3, n, k + 1)
     ranks = torch.full_like(x, k, dtype=torch.long)  # the rest anchor
     ranks.scatter_(1, torch.topk(x, k).indices, torch.arange(k).expand(3, k))
@@ -153,7 +153,7 @@ def test_starting_point_changes_the_cost_not_the_result(eps):
 
     x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     C, z, finite, cnt, mu, nu, anchors = _sorted_problem(x, 4)
-    g0 = topk._monotone_potentials(z, finite, anchors, nu, cnt)
+    g0 = topk._monotone_potentials(z, finite, anchors, nu, cnt, top=5)
     warm, warm_info = ot.entropic_transport(C, mu, nu, eps, g0=g0)
     cold, cold_info = ot.entropic_transport(C, mu, nu, eps)
     assert warm_info.converged and cold_info.converged
