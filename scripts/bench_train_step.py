@@ -46,10 +46,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}{gpu}"
 
 
-def setup(data_bin: Path, checkpoint, beam: int, beam_loss: str, device: str):
+def setup(data_bin: Path, checkpoint, beam: int, beam_loss: str, device: str, state_grad: str = "values"):
     argv = [str(data_bin), "--user-dir", str(ROOT / "fairseq_plugins"), "--task", "translation_soft_beam",
             "--criterion", "soft_beam", "--label-smoothing", "0.1", "--beam-loss", beam_loss,
-            "--soft-beam-size", str(beam), *MODEL_ARGS]  # fmt: skip
+            "--soft-beam-size", str(beam), "--soft-beam-state-grad", state_grad, *MODEL_ARGS]  # fmt: skip
     if device == "cpu":
         argv.append("--cpu")
     cfg = options.parse_args_and_arch(options.get_training_parser(), argv)
@@ -102,6 +102,9 @@ def timed_step(model, criterion, sample, device):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     memory = torch.cuda.max_memory_allocated() if device == "cuda" else saved.bytes
+    # what --clip-norm sees: fairseq divides the gradient by the sample size (target tokens)
+    grads = [p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None]
+    log["grad_norm"] = float(torch.stack(grads).sum().sqrt()) / float(sample_size)
     return seconds, memory, log
 
 
@@ -127,6 +130,7 @@ def main():
     p.add_argument("--checkpoint", type=Path, help="time this model (default: a fresh random transformer)")
     p.add_argument("--beams", default="4,5")
     p.add_argument("--beam-loss", default="hamming", choices=["hamming", "risk"])
+    p.add_argument("--state-grads", default="values", help="comma-separated --soft-beam-state-grad modes to time (values, full)")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--batches", type=int, default=4, help="distinct training batches")
     p.add_argument("--reps", type=int, default=3, help="repetitions over the batches")
@@ -150,8 +154,9 @@ def main():
     results = {"machine": machine(), "device": args.device, "train": {}, "generate": {}}
 
     parts = set(args.parts.split(","))
-    setups = {b: setup(data_bin, args.checkpoint, b, args.beam_loss, args.device) for b in beams}
-    cfg, task, model, mle, _ = setups[beams[0]]
+    state_grads = [m.strip() for m in args.state_grads.split(",") if m.strip()]
+    setups = {(b, sg): setup(data_bin, args.checkpoint, b, args.beam_loss, args.device, sg) for b in beams for sg in state_grads}
+    cfg, task, model, mle, _ = next(iter(setups.values()))
     if "train" in parts:
         train_table(args, task, model, mle, setups, beams, results)
     if "generate" in parts:
@@ -165,8 +170,9 @@ def train_table(args, task, model, mle, setups, beams, results):
     itr = task.get_batch_iterator(task.dataset("train"), max_tokens=args.max_tokens, seed=1)
     samples = [move(s, args.device) for _, s in zip(range(args.batches), itr.next_epoch_itr(shuffle=True))]
     methods = {"mle": (model, mle)}
-    for b in beams:
-        methods[f"soft_beam k={b}"] = (model, setups[b][4])
+    for b, sg in setups:
+        name = f"soft_beam k={b}" + (f" ({sg})" if len(setups) > len(beams) else "")
+        methods[name] = (model, setups[b, sg][4])
     times = {m: [] for m in methods}
     memory = {m: [] for m in methods}
     logs = {m: [] for m in methods}
@@ -182,8 +188,8 @@ def train_table(args, task, model, mle, setups, beams, results):
     nsent = statistics.mean(s["nsentences"] for s in samples)
     print(f"\n## Training step ({len(samples)} batches of ~{nsent:.0f} sentences / {ntok:.0f} target tokens, "
           f"{args.reps} reps, beam loss {args.beam_loss})\n")  # fmt: skip
-    print("| step | median s | x MLE | saved for backward (MB) | x MLE | search steps | solver iters |")
-    print("|---|---|---|---|---|---|---|")
+    print("| step | median s | x MLE | saved for backward (MB) | x MLE | search steps | solver iters | grad norm / token |")
+    print("|---|---|---|---|---|---|---|---|")
     base_t, base_m = statistics.median(times["mle"]), statistics.median(memory["mle"])
     for name in methods:
         t, m = statistics.median(times[name]), statistics.median(memory[name])
@@ -191,12 +197,15 @@ def train_table(args, task, model, mle, setups, beams, results):
         if name != "mle":
             steps = f"{statistics.mean(lg['search_steps'] for lg in logs[name]):.1f}"
             iters = f"{statistics.mean(lg['solver_iters'] / max(lg['solver_calls'], 1) for lg in logs[name]):.1f}"
-        print(f"| {name} | {t:.3f} | {t / base_t:.2f} | {m / 2**20:.1f} | {m / base_m:.1f} | {steps} | {iters} |")
-        results["train"][name] = {"median_s": t, "ratio": t / base_t, "memory_bytes": m, "memory_ratio": m / base_m}
+        gnorm = statistics.median(lg["grad_norm"] for lg in logs[name])
+        print(f"| {name} | {t:.3f} | {t / base_t:.2f} | {m / 2**20:.1f} | {m / base_m:.1f} | {steps} | {iters} | {gnorm:.3g} |")
+        results["train"][name] = {
+            "median_s": t, "ratio": t / base_t, "memory_bytes": m, "memory_ratio": m / base_m, "grad_norm": gnorm
+        }  # fmt: skip
 
     # --- where the time of a soft_beam step goes ----------------------------------------------
     if args.profile:
-        name = f"soft_beam k={beams[0]}"
+        name = next(n for n in methods if n != "mle")
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
