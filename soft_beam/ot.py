@@ -35,7 +35,10 @@ __all__ = ["SolverInfo", "entropic_transport", "sinkhorn_potentials", "semidual_
 
 @dataclass(frozen=True)
 class SolverInfo:
-    """What a solve reached. ``marginal_error`` is max over rows and anchors of |P^T 1 / nu - 1|."""
+    """What a solve reached. ``marginal_error`` is max over rows and anchors of |P^T 1 / nu - 1|.
+    ``method``: "newton" (from the starting point, or from 0 when none was given), then
+    "+continuation" if the start failed and the eps-continuation ran, "+sinkhorn" if the
+    Sinkhorn fallback ran."""
 
     iterations: int
     marginal_error: float
@@ -235,17 +238,17 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
                 n_stage += 1
         return g, iters, err
 
-    iters, err = 0, math.inf
+    iters, err, method = 0, math.inf, "newton"
     if g0 is not None:
         g, iters, err = run([(eps, tol)], _regauge(g0.to(nu.dtype), ground), min(max_iter, warm_budget))
     if not err <= tol:
         g, more, err = run(stages, torch.zeros_like(nu), max_iter)
         iters += more
+        method = "newton+continuation" if g0 is not None else "newton"
     neg = _neg_cost(Ct, eps, col_bias)
-    method = "newton"
     if not err <= tol:
         # Fallback: Sinkhorn from Newton's point, in chunks between convergence checks.
-        method = "newton+sinkhorn"
+        method += "+sinkhorn"
         for _ in range(max_iter):
             g = _sinkhorn(Ct, mu, nu, eps, 10, g)
             iters += 10
