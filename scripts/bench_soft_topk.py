@@ -7,7 +7,7 @@ vocabulary), epsilon in {0.1, 0.01, 0.001}, float32, it times, side by side and 
 (A, B, C, A, B, C, ... repetitions; medians):
 
   topk        torch.topk (hard, forward only)
-  ours-fwd    sorted_soft_topk under no_grad (Newton + eps-continuation)
+  ours-fwd    sorted_soft_topk under no_grad (Newton from the hard plan's potentials)
   ours-fb     sorted_soft_topk forward + backward (implicit backward), random upstream gradient
   ours-fb@tol only when the reference reaches a smaller marginal error than ours-fb: ours again
               with tol = max(reference error, 1e-6), so that the speed-up is at equal or smaller error
