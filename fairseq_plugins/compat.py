@@ -11,6 +11,13 @@ pickled checkpoints, load only files you trust. ``torch.load`` stays unchanged f
 size is not a multiple of ``--required-batch-size-multiple`` (default 8): 100 sentences in
 batches of at most 16 come back as 96, so fairseq-generate silently translates fewer
 sentences and BLEU is computed on a subset. We give the dropped tail back as a last batch.
+
+3. The NaN report. When gradients are NaN/inf, fairseq's trainer re-runs the step under its
+``NanDetector`` to say where they came from, then raises ``FloatingPointError``. The detector's
+legacy module backward hooks make current torch look for a tensor at the top of each module's
+output; fairseq's encoders return a dict of lists, so the re-run died with a bare
+``StopIteration`` that hid the real error. We keep the detector's forward hooks (they name the
+first module with a NaN/inf output) and drop its backward hooks.
 """
 
 from __future__ import annotations
@@ -65,3 +72,17 @@ def keep_last_partial_batch() -> None:
 
     if not getattr(data_utils.batch_by_size, "keeps_tail", False):
         data_utils.batch_by_size = _batch_by_size_keeping_the_tail(data_utils.batch_by_size)
+
+
+def report_nans_without_backward_hooks() -> None:
+    from fairseq import nan_detector
+
+    original = nan_detector.NanDetector.__init__
+    if getattr(original, "forward_hooks_only", False):
+        return
+
+    def __init__(self, model, forward=True, backward=True):
+        original(self, model, forward=forward, backward=False)
+
+    __init__.forward_hooks_only = True
+    nan_detector.NanDetector.__init__ = __init__
