@@ -160,6 +160,22 @@ def sinkhorn_potentials(C, mu, nu, eps, n_iter, g=None):
     return _sinkhorn(C.transpose(1, 2), mu, nu, eps, n_iter, g)
 
 
+class _Stall:
+    """True once a small marginal error has stopped falling: 3 checks in a row without halving,
+    below 1e-3. There Newton converges quadratically, so this is rounding noise: a tolerance
+    under the dtype's floor (float32 sums n terms) is not reached, however long one iterates."""
+
+    def __init__(self, checks=3, below=1e-3):
+        self.best, self.count, self.checks, self.below = math.inf, 0, checks, below
+
+    def __call__(self, err: float) -> bool:
+        if err < 0.5 * self.best:
+            self.best, self.count = err, 0
+        elif err < self.below:
+            self.count += 1
+        return self.count >= self.checks
+
+
 @torch.no_grad()
 def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
     """Newton's method on the semi-dual with eps-continuation and a safeguarded step.
@@ -221,40 +237,44 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
         return g, Q
 
     def run(stages, g, budget):
-        """Newton over the stages from g; returns g, iterations, final marginal error."""
-        iters, err = 0, math.inf
+        """Newton over the stages from g; returns g, iterations, final marginal error, and
+        whether the last stage stalled at rounding noise."""
+        iters, err, stalled = 0, math.inf, False
         for e, target in stages:
             neg = _neg_cost(Ct, e, col_bias)
             P, Q = _plan_from(g, neg, mu, e)
-            n_stage = 0
+            n_stage, stall = 0, _Stall()
             while True:
                 if n_stage % check_every == 0:
                     err = _relative_marginal_error(P, nu, active).max().item() if g.numel() else 0.0
-                    if err <= target or n_stage >= budget:
+                    stalled = stall(err)
+                    if err <= target or n_stage >= budget or stalled:
                         break
                 g, Q = newton_iteration(g, e, neg, P, Q)
                 P = mu.unsqueeze(1) * Q
                 iters += 1
                 n_stage += 1
-        return g, iters, err
+        return g, iters, err, stalled
 
-    iters, err, method = 0, math.inf, "newton"
+    iters, err, method, stalled = 0, math.inf, "newton", False
     if g0 is not None:
-        g, iters, err = run([(eps, tol)], _regauge(g0.to(nu.dtype), ground), min(max_iter, warm_budget))
-    if not err <= tol:
-        g, more, err = run(stages, torch.zeros_like(nu), max_iter)
+        g, iters, err, stalled = run([(eps, tol)], _regauge(g0.to(nu.dtype), ground), min(max_iter, warm_budget))
+    # The fallbacks help where Newton failed, not where it reached the dtype's rounding floor.
+    if not err <= tol and not stalled:
+        g, more, err, stalled = run(stages, torch.zeros_like(nu), max_iter)
         iters += more
         method = "newton+continuation" if g0 is not None else "newton"
     neg = _neg_cost(Ct, eps, col_bias)
-    if not err <= tol:
+    if not err <= tol and not stalled:
         # Fallback: Sinkhorn from Newton's point, in chunks between convergence checks.
         method += "+sinkhorn"
+        stall = _Stall()
         for _ in range(max_iter):
             g = _sinkhorn(Ct, mu, nu, eps, 10, g)
             iters += 10
             P, _ = _plan_from(g, neg, mu, eps)
             err = _relative_marginal_error(P, nu, active).max().item()
-            if err <= tol:
+            if err <= tol or stall(err):
                 break
     return g, SolverInfo(iters, float(err), bool(err <= tol), method)
 

@@ -161,6 +161,16 @@ def test_starting_point_changes_the_cost_not_the_result(eps):
     assert warm_info.iterations < cold_info.iterations, (warm_info, cold_info)
 
 
+def test_a_tolerance_under_float32_rounding_stops_early_and_warns():
+    # float32 sums n terms: a relative marginal error of 1e-9 is out of reach. The solver must
+    # notice that it has stopped improving, not grind through every fallback.
+    x = torch.randn(64, 200, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        _, info = sorted_soft_topk(x, 10, 0.1, tol=1e-9, return_info=True)
+    assert not info.converged and info.marginal_error < 1e-4
+    assert info.iterations <= 30, info
+
+
 # --- the hard limit ---------------------------------------------------------------------------
 
 
