@@ -161,12 +161,15 @@ def sinkhorn_potentials(C, mu, nu, eps, n_iter, g=None):
 
 
 class _Stall:
-    """True once a small marginal error has stopped falling: 3 checks in a row without halving,
-    below 1e-3. There Newton converges quadratically, so this is rounding noise: a tolerance
-    under the dtype's floor (float32 sums n terms) is not reached, however long one iterates."""
+    """True once a small marginal error has stopped falling: about 6 iterations without halving,
+    while under 1e4 machine epsilons (1e-3 in float32). That close, Newton converges
+    quadratically, so this is rounding noise: a tolerance under the dtype's floor (float32 sums
+    n terms) is not reached, however long one iterates."""
 
-    def __init__(self, checks=3, below=1e-3):
-        self.best, self.count, self.checks, self.below = math.inf, 0, checks, below
+    def __init__(self, check_every: int, dtype: torch.dtype):
+        self.best, self.count = math.inf, 0
+        self.checks = max(3, -(-6 // check_every))
+        self.below = 1e4 * torch.finfo(dtype).eps
 
     def __call__(self, err: float) -> bool:
         if err < 0.5 * self.best:
@@ -243,7 +246,7 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
         for e, target in stages:
             neg = _neg_cost(Ct, e, col_bias)
             P, Q = _plan_from(g, neg, mu, e)
-            n_stage, stall = 0, _Stall()
+            n_stage, stall = 0, _Stall(check_every, Ct.dtype)
             while True:
                 if n_stage % check_every == 0:
                     err = _relative_marginal_error(P, nu, active).max().item() if g.numel() else 0.0
@@ -268,7 +271,7 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
     if not err <= tol and not stalled:
         # Fallback: Sinkhorn from Newton's point, in chunks between convergence checks.
         method += "+sinkhorn"
-        stall = _Stall()
+        stall = _Stall(check_every, Ct.dtype)
         for _ in range(max_iter):
             g = _sinkhorn(Ct, mu, nu, eps, 10, g)
             iters += 10
@@ -318,7 +321,7 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-4
 
 
-def entropic_transport(C, mu, nu, eps, *, tol=None, max_iter=100, check_every=2, on_failure="warn", g0=None):
+def entropic_transport(C, mu, nu, eps, *, tol=None, max_iter=100, check_every=None, on_failure="warn", g0=None):
     """Optimal entropic plan P (B, n, m) for cost C (B, n, m), masses mu (B, n), nu (B, m).
 
     Differentiable in C (implicit backward). Returns (P, SolverInfo). Inputs are assumed
@@ -328,6 +331,11 @@ def entropic_transport(C, mu, nu, eps, *, tol=None, max_iter=100, check_every=2,
     """
     if tol is None:
         tol = default_tolerance(C.dtype)
+    if check_every is None:
+        # A convergence check reads the error on the host. On CPU that is cheap, and checking
+        # every iteration saves the iteration after convergence (with 2-6 iterations in all, up
+        # to 20% of the time); on an accelerator it is a sync, so there every other iteration.
+        check_every = 1 if C.device.type == "cpu" else 2
     info_out: list[SolverInfo] = []
     g0 = None if g0 is None else g0.detach()
     P = _EntropicTransport.apply(C, mu, nu, float(eps), float(tol), int(max_iter), int(check_every), g0, info_out)
