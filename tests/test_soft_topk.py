@@ -171,6 +171,21 @@ def test_a_tolerance_under_float32_rounding_stops_early_and_warns():
     assert info.iterations <= 30, info
 
 
+def test_solution_maximises_the_semidual():
+    # The potentials the solver returns are the maximiser of the concave semi-dual D.
+    x = torch.randn(8, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    C, z, finite, cnt, mu, nu, anchors = _sorted_problem(x, 3)
+    Ct = C.transpose(1, 2).contiguous()
+    g, info = ot._solve(Ct, mu, nu, 0.05, 1e-12, 100, 1)
+    assert info.converged
+    bias = ot._col_bias(nu > 0, C.dtype)
+    best = ot.semidual_objective(g, C, mu, nu, 0.05, bias)  # (8,)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        step = 1e-3 * torch.randn(g.shape, generator=gen, dtype=g.dtype)
+        assert (ot.semidual_objective(g + step, C, mu, nu, 0.05, bias) < best).all()
+
+
 # --- the hard limit ---------------------------------------------------------------------------
 
 
