@@ -39,7 +39,7 @@ class TranslationSoftBeamConfig(TranslationConfig):
             "help": "'full': the exact gradient of the relaxed search, also through the soft-top-k weights "
             "that mix the next decoder inputs and states; 'values': those mixtures pass gradient to the "
             "mixed values only (the weights still get it through beam scores and the loss). 'full' compounds "
-            "over decoding steps and reached gradient norms of 1e4-1e8 per token on a real model"
+            "over decoding steps: 1e4 to 4e5 per token on a trained model, against about 1 for MLE"
         },
     )
     soft_beam_gen_epsilon: float = field(
