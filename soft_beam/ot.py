@@ -56,10 +56,15 @@ def _neg_cost(Ct: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Ten
     return col_bias - Ct / eps
 
 
-def _objective(g, neg, mu, nu, eps):
-    """D(g): g (..., B, m) -> (..., B); a leading dimension evaluates several g at once."""
-    lse = torch.logsumexp(neg + (g / eps).unsqueeze(-1), dim=-2)  # (..., B, n)
-    return (g * nu).sum(-1) - eps * (mu * lse).sum(-1)
+def _objective_and_plan(g, neg, mu, nu, eps):
+    """D(g) and Q at g: g (..., B, m) -> D (..., B), Q (..., B, m, n); a leading dimension
+    evaluates several g at once (the solver's candidate steps)."""
+    logits = neg + (g / eps).unsqueeze(-1)  # (..., B, m, n)
+    top = logits.amax(-2, keepdim=True)  # (..., B, 1, n); finite: the ground anchor is active
+    Q = logits.sub_(top).exp_()  # in place: this is the largest temporary
+    total = Q.sum(-2, keepdim=True)  # (..., B, 1, n)
+    lse = (top + total.log()).squeeze(-2)  # (..., B, n)
+    return (g * nu).sum(-1) - eps * (mu * lse).sum(-1), Q.div_(total)
 
 
 def _plan_from(g, neg, mu, eps):
@@ -70,7 +75,7 @@ def _plan_from(g, neg, mu, eps):
 
 def semidual_objective(g, C, mu, nu, eps, col_bias):
     """D(g) per row, shape (B,), for C (B, n, m). Masked sources have mu = 0 and drop out."""
-    return _objective(g, _neg_cost(C.transpose(1, 2), eps, col_bias), mu, nu, eps)
+    return _objective_and_plan(g, _neg_cost(C.transpose(1, 2), eps, col_bias), mu, nu, eps)[0]
 
 
 def _plan(g, C, mu, eps, col_bias):
@@ -190,7 +195,7 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
     Newton step and at one Sinkhorn step and keeps the best. The Sinkhorn step always ascends, so the
     solver never does worse than Sinkhorn; the full Newton step converges quadratically once
     near the optimum.
-    Returns g (B, m), SolverInfo.
+    Returns g (B, m), its plan P and Q (B, m, n) at eps, SolverInfo.
     """
     active = nu > 0
     ground = _ground(nu)
@@ -210,16 +215,6 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
     steps = (1.0, 0.25)
     warm_budget = 20  # measured: 3-6 iterations from a good g0 (batch 64, eps 0.1 to 0.001)
 
-    def evaluate(cands, neg, e):
-        """D and Q at several points: cands (S, B, m) -> values (S, B), Q (S, B, m, n)."""
-        logits = neg + (cands / e).unsqueeze(-1)  # (S, B, m, n)
-        top = logits.amax(-2, keepdim=True)  # (S, B, 1, n); finite: the ground anchor is active
-        Q = logits.sub_(top).exp_()  # in place: this is the largest temporary
-        total = Q.sum(-2, keepdim=True)  # (S, B, 1, n)
-        lse = (top + total.log()).squeeze(-2)  # (S, B, n)
-        values = (cands * nu).sum(-1) - e * (mu * lse).sum(-1)
-        return values, Q.div_(total)
-
     def newton_iteration(g, e, neg, P, Q):
         """One safeguarded step from g, whose plan is P, Q (B, m, n); returns the new g and Q."""
         b = P.sum(-1)  # (B, m)
@@ -229,7 +224,7 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
         log_b = torch.where(active, b, torch.ones_like(b)).clamp_min(torch.finfo(b.dtype).tiny).log()
         sink = torch.where(active, e * (log_nu - log_b), torch.zeros_like(b))
         candidates = torch.stack([g + a * delta for a in steps] + [_regauge(g + sink, ground)])  # (S, B, m)
-        values, Qs = evaluate(candidates, neg, e)  # one batched evaluation; Qs is the next plan
+        values, Qs = _objective_and_plan(candidates, neg, mu, nu, e)  # (S, B), (S, B, m, n): the next plan
         values = torch.nan_to_num(values, nan=-math.inf, posinf=-math.inf)
         full = values[0]
         # (only where finite: -inf + noise * inf would be NaN, which argmax takes as the maximum)
@@ -240,8 +235,8 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
         return g, Q
 
     def run(stages, g, budget):
-        """Newton over the stages from g; returns g, iterations, final marginal error, and
-        whether the last stage stalled at rounding noise."""
+        """Newton over the stages from g; returns g, its plan P and Q (B, m, n) at the last
+        stage's eps, iterations, final marginal error, and whether the last stage stalled."""
         iters, err, stalled = 0, math.inf, False
         for e, target in stages:
             neg = _neg_cost(Ct, e, col_bias)
@@ -257,41 +252,41 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
                 P = mu.unsqueeze(1) * Q
                 iters += 1
                 n_stage += 1
-        return g, iters, err, stalled
+        return g, P, Q, iters, err, stalled
 
     iters, err, method, stalled = 0, math.inf, "newton", False
     if g0 is not None:
-        g, iters, err, stalled = run([(eps, tol)], _regauge(g0.to(nu.dtype), ground), min(max_iter, warm_budget))
+        warm = _regauge(g0.to(nu.dtype), ground)
+        g, P, Q, iters, err, stalled = run([(eps, tol)], warm, min(max_iter, warm_budget))
     # The fallbacks help where Newton failed, not where it reached the dtype's rounding floor.
     if not err <= tol and not stalled:
-        g, more, err, stalled = run(stages, torch.zeros_like(nu), max_iter)
+        g, P, Q, more, err, stalled = run(stages, torch.zeros_like(nu), max_iter)
         iters += more
         method = "newton+continuation" if g0 is not None else "newton"
-    neg = _neg_cost(Ct, eps, col_bias)
     if not err <= tol and not stalled:
         # Fallback: Sinkhorn from Newton's point, in chunks between convergence checks.
         method += "+sinkhorn"
+        neg = _neg_cost(Ct, eps, col_bias)
         stall = _Stall(check_every, Ct.dtype)
         for _ in range(max_iter):
             g = _sinkhorn(Ct, mu, nu, eps, 10, g)
             iters += 10
-            P, _ = _plan_from(g, neg, mu, eps)
+            P, Q = _plan_from(g, neg, mu, eps)
             err = _relative_marginal_error(P, nu, active).max().item()
             if err <= tol or stall(err):
                 break
-    return g, SolverInfo(iters, float(err), bool(err <= tol), method)
+    return g, P, Q, SolverInfo(iters, float(err), bool(err <= tol), method)
 
 
 class _EntropicTransport(torch.autograd.Function):
     """C (B, n, m) -> P (B, n, m); backward by implicit differentiation of the optimality
-    conditions. Saves only P and g: memory O(n m) per row whatever the iteration count."""
+    conditions. Saves only P and Q: memory O(n m) per row whatever the iteration count."""
 
     @staticmethod
     def forward(ctx, C, mu, nu, eps, tol, max_iter, check_every, g0, info_out):
         Ct = C.detach().transpose(1, 2).contiguous()  # (B, m, n)
-        g, info = _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0)
+        _, P, Q, info = _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0)  # P, Q: (B, m, n)
         info_out.append(info)
-        P, Q = _plan_from(g, _neg_cost(Ct, eps, _col_bias(nu > 0, Ct.dtype)), mu, eps)  # (B, m, n)
         ctx.save_for_backward(P, Q, nu)
         ctx.eps = eps
         return P.transpose(1, 2)  # (B, n, m), a view

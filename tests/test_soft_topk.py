@@ -176,7 +176,7 @@ def test_solution_maximises_the_semidual():
     x = torch.randn(8, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     C, z, finite, cnt, mu, nu, anchors = _sorted_problem(x, 3)
     Ct = C.transpose(1, 2).contiguous()
-    g, info = ot._solve(Ct, mu, nu, 0.05, 1e-12, 100, 1)
+    g, _, _, info = ot._solve(Ct, mu, nu, 0.05, 1e-12, 100, 1)
     assert info.converged
     bias = ot._col_bias(nu > 0, C.dtype)
     best = ot.semidual_objective(g, C, mu, nu, 0.05, bias)  # (8,)
