@@ -115,6 +115,7 @@ def problem(x, k):
     """Exactly the sorted op's per-row problem: C (B, n, m), mu (B, n), nu (B, m), cnt (B, 1)."""
     anchors = _rank_anchors(k).to(device=x.device, dtype=x.dtype)
     C, _, finite, count = _normalised_cost(x, anchors)
+    C = C.contiguous()  # (B, n, m) in memory too, the layout of the reference code
     cnt = count.to(x.dtype).unsqueeze(-1)
     mu = finite.to(x.dtype) / cnt
     nu = _rank_masses(k, cnt)

@@ -57,7 +57,10 @@ def _check_values(x: torch.Tensor, k: int) -> None:
 
 
 def _normalised_cost(x: torch.Tensor, anchors: torch.Tensor):
-    """x (B, n) with -inf masked; anchors (m,) -> cost (B, n, m), finite mask (B, n), counts (B,)."""
+    """x (B, n) with -inf masked; anchors (m,) -> cost (B, n, m), finite mask (B, n), counts (B,).
+
+    The cost is a transposed view of an anchor-major (B, m, n) tensor: the solver's layout, so
+    neither the forward nor the backward copies it across layouts."""
     finite = torch.isfinite(x)  # (B, n)
     # Replace masked entries before any arithmetic so that their gradient is exactly 0, not NaN.
     safe = torch.where(finite, x, torch.zeros_like(x))
@@ -66,8 +69,8 @@ def _normalised_cost(x: torch.Tensor, anchors: torch.Tensor):
     span = hi - lo
     span = torch.where(span > 0, span, torch.ones_like(span))  # all-equal row: z = 0 everywhere
     z = torch.where(finite, (safe - lo) / span, torch.zeros_like(safe))  # (B, n) in [0, 1]
-    C = (z.unsqueeze(-1) - anchors) ** 2  # (B, n, m)
-    return C, z, finite, finite.sum(-1)
+    Ct = (anchors.unsqueeze(-1) - z.unsqueeze(-2)) ** 2  # (B, m, n)
+    return Ct.transpose(1, 2), z, finite, finite.sum(-1)
 
 
 def _monotone_potentials(z, finite, anchors, nu, cnt, top):
@@ -108,9 +111,10 @@ def _transport(scores, k, epsilon, anchors_fn, nu_fn, tol, max_iter, on_failure)
         with torch.no_grad():
             g0 = _monotone_potentials(z, finite, anchors, nu, cnt, top=min(n, k + 1))
         P, info = entropic_transport(C, mu, nu, epsilon, tol=tol, max_iter=max_iter, on_failure=on_failure, g0=g0)
-        # n_valid * P: column masses 1/n become 1, row masses 1/n become 1.
-        out = P * cnt.unsqueeze(-1)  # (B, n, m)
-    return out, lead, info
+        # n_valid * P: column masses 1/n become 1, row masses 1/n become 1. Scaled and sliced in
+        # the solver's anchor-major layout, so that the gradient reaches it contiguous.
+        Pt = P.transpose(1, 2)  # (B, m, n), contiguous
+    return Pt, cnt, lead, info
 
 
 def soft_topk(
@@ -145,8 +149,9 @@ def soft_topk(
     """
     _check(scores, k, epsilon, tol, max_iter, on_failure, dim)
     x = scores.movedim(dim, -1)
-    out, lead, info = _transport(x, k, epsilon, _two_anchors, _two_masses, tol, max_iter, on_failure)
-    result = out[..., 0].reshape(*lead, x.shape[-1]).to(scores.dtype).movedim(-1, dim)  # (..., n) -> like scores
+    Pt, cnt, lead, info = _transport(x, k, epsilon, _two_anchors, _two_masses, tol, max_iter, on_failure)
+    out = Pt[:, 0] * cnt  # (B, n)
+    result = out.reshape(*lead, x.shape[-1]).to(scores.dtype).movedim(-1, dim)  # (..., n) -> like scores
     return (result, info) if return_info else result
 
 
@@ -171,8 +176,11 @@ def sorted_soft_topk(
     Arguments as in :func:`soft_topk`; the scores lie along the last axis.
     """
     _check(scores, k, epsilon, tol, max_iter, on_failure)
-    out, lead, info = _transport(scores, k, epsilon, _rank_anchors, _rank_masses, tol, max_iter, on_failure)
-    result = out[..., :k].reshape(*lead, scores.shape[-1], k).to(scores.dtype).contiguous()  # (B, n, k) -> (..., n, k)
+    Pt, cnt, lead, info = _transport(scores, k, epsilon, _rank_anchors, _rank_masses, tol, max_iter, on_failure)
+    out = Pt[:, :k] * cnt.unsqueeze(-1)  # (B, k, n)
+    # the one transposing copy, (B, k, n) -> (B, n, k), together with the dtype's
+    out = out.transpose(1, 2).to(scores.dtype, memory_format=torch.contiguous_format)  # (B, n, k)
+    result = out.reshape(*lead, scores.shape[-1], k)  # (..., n, k)
     return (result, info) if return_info else result
 
 

@@ -161,6 +161,28 @@ def test_starting_point_changes_the_cost_not_the_result(eps):
     assert warm_info.iterations < cold_info.iterations, (warm_info, cold_info)
 
 
+def test_an_unguarded_newton_step_that_goes_astray_is_undone(monkeypatch):
+    # Near the optimum the solver evaluates only the full Newton step. Corrupt the first such
+    # evaluation (its plan no longer belongs to its potentials): the solve must undo the step
+    # and finish with the same plan, a guarded iteration or two later, without any fallback.
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    ref, ref_info = sorted_soft_topk(x, 4, 0.05, return_info=True)
+    original, seen = ot._objective_and_plan, []
+
+    def corrupt_first_unguarded(g, *args):
+        if g.dim() == 2:  # (B, m): one candidate, the unguarded step; guarded ones are (S, B, m)
+            seen.append(g)
+            if len(seen) == 1:
+                g = g + torch.linspace(0, 2, g.shape[-1], dtype=g.dtype)  # 40 eps off
+        return original(g, *args)
+
+    monkeypatch.setattr(ot, "_objective_and_plan", corrupt_first_unguarded)
+    out, info = sorted_soft_topk(x, 4, 0.05, return_info=True)
+    assert len(seen) >= 2 and info.converged and info.method == "newton", info
+    assert info.iterations <= ref_info.iterations + 2, (info, ref_info)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-7)
+
+
 def test_a_tolerance_under_float32_rounding_stops_early_and_warns():
     # float32 sums n terms: a relative marginal error of 1e-9 is out of reach. The solver must
     # notice that it has stopped improving, not grind through every fallback.
@@ -176,7 +198,7 @@ def test_solution_maximises_the_semidual():
     x = torch.randn(8, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     C, z, finite, cnt, mu, nu, anchors = _sorted_problem(x, 3)
     Ct = C.transpose(1, 2).contiguous()
-    g, _, _, info = ot._solve(Ct, mu, nu, 0.05, 1e-12, 100, 1)
+    g, _, _, info, _ = ot._solve(Ct, mu, nu, 0.05, 1e-12, 100, 1)
     assert info.converged
     bias = ot._col_bias(nu > 0, C.dtype)
     best = ot.semidual_objective(g, C, mu, nu, 0.05, bias)  # (8,)
