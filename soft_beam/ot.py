@@ -68,13 +68,15 @@ def _floor(col_bias: torch.Tensor) -> torch.Tensor:
     return col_bias + _LOG_FLOOR
 
 
-def _objective_and_plan(g, neg, mu, nu, eps, floor):
+def _objective_and_plan(g, neg, mu, nu, eps, floor, value=True):
     """D(g) and Q at g: g (..., B, m) -> D (..., B), Q (..., B, m, n); a leading dimension
-    evaluates several g at once (the solver's candidate steps)."""
+    evaluates several g at once (the solver's candidate steps). D is None if not ``value``."""
     logits = neg + (g / eps).unsqueeze(-1)  # (..., B, m, n)
     top = logits.amax(-2, keepdim=True)  # (..., B, 1, n); finite: the ground anchor is active
     Q = torch.maximum(logits.sub_(top), floor, out=logits).exp_()  # in place: the largest temporary
     total = Q.sum(-2, keepdim=True)  # (..., B, 1, n)
+    if not value:
+        return None, Q.div_(total)
     lse = (top + total.log()).squeeze(-2)  # (..., B, n)
     return (g * nu).sum(-1) - eps * (mu * lse).sum(-1), Q.div_(total)
 
@@ -133,10 +135,11 @@ class _GroundedLaplacian:
         free = active & ~ground  # (B, m)
         self.free = free.to(dtype)  # (B, m)
         self.both = self.free.unsqueeze(-1) * self.free.unsqueeze(-2)  # (B, m, m)
-        # Fixed anchors get identity rows and columns and a zero right-hand side -> z_j = 0.
-        self.fixed = (1 - self.free).unsqueeze(-1) * self.eye  # (B, m, m)
         finfo = torch.finfo(dtype)
-        self.ridge, self.tiny = math.sqrt(finfo.eps), finfo.tiny
+        self.ridge = math.sqrt(finfo.eps)
+        # Fixed anchors get identity rows and columns and a zero right-hand side -> z_j = 0; free
+        # ones a tiny diagonal, the ridge's floor where an anchor's mass underflowed to 0.
+        self.fixed = ((1 - self.free) + finfo.tiny * self.free).unsqueeze(-1) * self.eye  # (B, m, m)
 
     def solve(self, P, Q, rhs, b=None):
         """b (B, m), optional: P^T 1 if the caller has it."""
@@ -145,7 +148,7 @@ class _GroundedLaplacian:
         # Off-diagonal weights W_jl = sum_i P_ji Q_li; the diagonal is their row sum. Forming it as
         # b_j - W_jj instead cancels catastrophically for a heavy anchor (both are close to 1).
         W = torch.bmm(P, Q.transpose(1, 2)).mul_(self.off)  # (B, m, m)
-        diag = W.sum(-1) + (self.ridge * b + self.tiny)  # (B, m)
+        diag = W.sum(-1).add_(b, alpha=self.ridge)  # (B, m)
         L = (torch.diag_embed(diag) - W).mul_(self.both).add_(self.fixed)  # (B, m, m)
         r = (rhs * self.free).unsqueeze(-1)  # (B, m, 1)
         z, _ = torch.linalg.solve_ex(L, r)  # (B, m, 1); solve_ex: no error check, no sync
@@ -242,21 +245,21 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
     rows = torch.arange(nu.shape[0], device=nu.device)  # (B,)
     inv_nu = torch.where(active, 1 / nu, torch.zeros_like(nu))  # (B, m)
 
-    def marginal_error(b):
-        """max over rows and active anchors of |b / nu - 1| for b = P^T 1 (B, m): a float."""
-        return (b - nu).abs_().mul_(inv_nu).max().item() if b.numel() else 0.0
+    def marginal_error(grad):
+        """max over rows and active anchors of |b / nu - 1| for grad = nu - b, b = P^T 1 (B, m)."""
+        return grad.abs().mul_(inv_nu).max().item() if grad.numel() else 0.0
 
-    def newton_iteration(g, e, neg, P, Q, b, guarded):
-        """One step from g, whose plan is P, Q (B, m, n) with b = P^T 1 (B, m). Returns the new g
+    def newton_iteration(g, e, neg, P, Q, b, grad, guarded):
+        """One step from g, whose plan is P, Q (B, m, n) with b = P^T 1 (B, m) and the semi-dual's
+        gradient grad = nu - b (B, m), 0 on inactive anchors (nu = 0, Q = 0). Returns the new g
         and Q and, guarded, a bool tensor: did every row take the full Newton step. Unguarded
         (near the optimum, where the guard keeps the full step anyway) only the full step is
         evaluated."""
-        grad = nu - b  # (B, m); 0 on inactive anchors, where nu = 0 and Q = 0
         # Newton: (L / e) delta = grad  ->  delta = e * L^{-1} grad
         delta = e * lap.solve(P, Q, grad, b)  # (B, m)
         if not guarded:
             g = g + delta
-            return g, _objective_and_plan(g, neg, mu, nu, e, floor)[1], None
+            return g, _objective_and_plan(g, neg, mu, nu, e, floor, value=False)[1], None
         log_b = torch.where(active, b, torch.ones_like(b)).clamp_min(torch.finfo(b.dtype).tiny).log()
         sink = torch.where(active, e * (log_nu - log_b), torch.zeros_like(b))
         candidates = torch.stack([g + a * delta for a in steps] + [_regauge(g + sink, ground)])  # (S, B, m)
@@ -283,19 +286,20 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
             guarded, all_full, last = True, None, None
             while True:
                 b = P.sum(-1)  # (B, m)
+                grad = nu - b  # (B, m)
                 if n_stage % check_every == 0:
-                    err = marginal_error(b)
+                    err = marginal_error(grad)
                     if not guarded and not err <= 2 * last[-1]:
-                        g, P, Q, b, err = last
+                        g, P, Q, b, grad, err = last
                         guarded = True
                     else:
                         stalled = stall(err)
                         if err <= target or n_stage >= budget or stalled:
                             break
-                        last = (g, P, Q, b, err)
+                        last = (g, P, Q, b, grad, err)
                         # (read only at a check: on an accelerator each read is a sync)
                         guarded = guarded and not (all_full is not None and bool(all_full))
-                g, Q, all_full = newton_iteration(g, e, neg, P, Q, b, guarded)
+                g, Q, all_full = newton_iteration(g, e, neg, P, Q, b, grad, guarded)
                 P = mu.unsqueeze(1) * Q
                 iters += 1
                 n_stage += 1
@@ -319,7 +323,7 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
             g = _sinkhorn(Ct, mu, nu, eps, 10, g)
             iters += 10
             P, Q = _plan_from(g, neg, mu, eps, floor)
-            err = marginal_error(P.sum(-1))
+            err = marginal_error(nu - P.sum(-1))
             if err <= tol or stall(err):
                 break
     return g, P, Q, SolverInfo(iters, float(err), bool(err <= tol), method), lap

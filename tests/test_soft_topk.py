@@ -169,12 +169,12 @@ def test_an_unguarded_newton_step_that_goes_astray_is_undone(monkeypatch):
     ref, ref_info = sorted_soft_topk(x, 4, 0.05, return_info=True)
     original, seen = ot._objective_and_plan, []
 
-    def corrupt_first_unguarded(g, *args):
+    def corrupt_first_unguarded(g, *args, **kwargs):
         if g.dim() == 2:  # (B, m): one candidate, the unguarded step; guarded ones are (S, B, m)
             seen.append(g)
             if len(seen) == 1:
                 g = g + torch.linspace(0, 2, g.shape[-1], dtype=g.dtype)  # 40 eps off
-        return original(g, *args)
+        return original(g, *args, **kwargs)
 
     monkeypatch.setattr(ot, "_objective_and_plan", corrupt_first_unguarded)
     out, info = sorted_soft_topk(x, 4, 0.05, return_info=True)
