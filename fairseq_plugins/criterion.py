@@ -36,6 +36,15 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
         },
     )
     mle_weight: float = field(default=0.5, metadata={"help": "loss = mle_weight * label-smoothed MLE + (1 - mle_weight) * beam loss"})
+    search_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "fraction of each batch's sentences on which the beam search runs (a random subset, drawn "
+            "anew every update); the MLE term always covers the whole batch, and the beam loss is scaled by "
+            "batch / searched sentences so that it keeps its weight. Below 1 a step costs less: the search, not "
+            "the MLE pass, is most of it"
+        },
+    )
     max_len_a: float = field(default=1.2, metadata={"help": "search max length = a * source length + b"})
     max_len_b: int = field(default=10, metadata={"help": "search max length = a * source length + b"})
 
@@ -73,6 +82,7 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         label_smoothing,
         beam_loss="hamming",
         mle_weight=0.5,
+        search_fraction=1.0,
         max_len_a=1.2,
         max_len_b=10,
         ignore_prefix_size=0,
@@ -82,11 +92,14 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             raise ValueError(f"the soft_beam criterion needs --task translation_soft_beam, got the task {type(task).__name__}")
         if not 0.0 <= mle_weight <= 1.0:
             raise ValueError(f"--mle-weight must be in [0, 1], got {mle_weight}")
+        if not 0.0 < search_fraction <= 1.0:
+            raise ValueError(f"--search-fraction must be in (0, 1], got {search_fraction}")
         if max_len_b < 1 or max_len_a < 0:
             raise ValueError(f"--max-len-a must be >= 0 and --max-len-b >= 1, got {max_len_a} and {max_len_b}")
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.beam_loss = str(beam_loss)
         self.mle_weight = mle_weight
+        self.search_fraction = search_fraction
         search = task.training_search_config()
         self.search = SearchConfig(**{**search.__dict__, "max_len_a": max_len_a, "max_len_b": max_len_b})
 
@@ -104,7 +117,7 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             net_output = fs_model.decoder(net_input["prev_output_tokens"], encoder_out=encoder_out, src_lengths=net_input["src_lengths"])
             mle_loss, nll_loss = self.compute_loss(fs_model, net_output, sample, reduce=True)
 
-        beam_loss, top_bleu, stats = self.search_loss(fs_model, sample, encoder_out)
+        beam_loss, top_bleu, searched, stats = self.search_loss(fs_model, sample, encoder_out)
         loss = self.mle_weight * mle_loss + (1 - self.mle_weight) * beam_loss
 
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -114,6 +127,7 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             "mle_loss": mle_loss.data,
             "beam_loss": beam_loss.data,
             "top_bleu": top_bleu,
+            "searched": searched,
             "solver_iters": float(sum(stats.solver_iterations)),
             "solver_calls": len(stats.solver_iterations),
             "marginal_error": float(sum(stats.marginal_errors)),
@@ -126,10 +140,20 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         return loss, sample_size, logging_output
 
     def search_loss(self, model, sample, encoder_out):
-        """Runs the soft beam search; returns (summed beam loss, summed top-beam BLEU, stats)."""
+        """Runs the soft beam search on the whole batch or, with --search-fraction below 1, on a
+        random subset of its sentences. Returns (the beam loss summed over sentences, scaled to the
+        whole batch; the top beams' summed sentence BLEU; the number of sentences searched; stats)."""
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
         target = sample["target"]  # (B, T) ending with EOS, right-padded
+        batch = src_tokens.shape[0]
+        searched = batch if self.search_fraction >= 1 else max(1, math.ceil(self.search_fraction * batch))
+        if searched < batch:
+            # the global RNG, which fairseq seeds: runs repeat, and each update draws anew
+            keep = torch.randperm(batch)[:searched].sort().values.to(src_tokens.device)  # (searched,)
+            src_tokens, target = src_tokens[keep], target[keep]  # (searched, S), (searched, T)
+            net_input = {"src_tokens": src_tokens, "src_lengths": net_input["src_lengths"][keep]}
+            encoder_out = model.encoder.reorder_encoder_out(encoder_out, keep)
         bsz, src_len = src_tokens.shape
         tgt_dict = self.task.target_dictionary
         eos, pad = tgt_dict.eos(), tgt_dict.pad()
@@ -156,7 +180,8 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
                                      device=src_tokens.device)  # fmt: skip
                 # Scaled by the reference length, so that it sums over tokens like the MLE loss.
                 losses.append(ref_len * risk_loss(scores, costs))
-        return torch.stack(losses).sum(), top_bleu, stats
+        # batch / searched: an unbiased estimate of the whole batch's sum, as the MLE term is
+        return torch.stack(losses).sum() * (batch / bsz), top_bleu, bsz, stats
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -166,11 +191,11 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             return sum(log.get(key, 0) for log in logging_outputs)
 
         sample_size = total("sample_size")
-        nsentences = total("nsentences")
+        searched = total("searched")
         metrics.log_scalar("beam_loss", total("beam_loss") / sample_size / math.log(2), sample_size, round=3)
         metrics.log_scalar("mle_loss", total("mle_loss") / sample_size / math.log(2), sample_size, round=3)
-        if nsentences:
-            metrics.log_scalar("top_bleu", 100 * total("top_bleu") / nsentences, nsentences, round=2)
+        if searched:
+            metrics.log_scalar("top_bleu", 100 * total("top_bleu") / searched, searched, round=2)
         calls = total("solver_calls")
         if calls:
             metrics.log_scalar("solver_iters", total("solver_iters") / calls, calls, round=1)

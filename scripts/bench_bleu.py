@@ -307,6 +307,7 @@ def run_protocol(args) -> dict:
                     "BEAM_SIZE": str(args.soft_beam_size),
                     "BEAM_EPSILON": str(args.soft_beam_epsilon),
                     "BEAM_CANDIDATES": str(args.soft_beam_candidates),
+                    "SEARCH_FRACTION": str(args.search_fraction),
                     "LR": str(args.continue_lr),
                     "SEARCH_MAX_LEN_B": str(args.search_max_len_b),
                 }
@@ -566,7 +567,7 @@ def write_markdown(summary: dict, path: Path, plot_path: Path, json_path: Path) 
     L.append(
         f"- soft beam: beam size {s['soft_beam_size']}, epsilon {s['soft_beam_epsilon']}, candidates "
         f"{s.get('soft_beam_candidates') or '2k²'}, MLE weight "
-        f"{s['mle_weight']}, search max length 1.2·src + {s['search_max_len_b']}; losses {', '.join(x for x in s['arms'] if x.startswith('soft_'))}."  # noqa: E501
+        f"{s['mle_weight']}, search on {s.get('search_fraction', 1.0):g} of each batch's sentences, search max length 1.2·src + {s['search_max_len_b']}; losses {', '.join(x for x in s['arms'] if x.startswith('soft_'))}."  # noqa: E501
     )
     L.append(
         f"- evaluation: `scripts/evaluate.py` (fairseq-generate with the plugin, exact beam search), beam {s['beam']}, "
@@ -616,6 +617,7 @@ def parse_args(argv=None):
     p.add_argument("--soft-beam-size", type=int, default=4)
     p.add_argument("--soft-beam-epsilon", type=float, default=0.01)
     p.add_argument("--soft-beam-candidates", type=int, default=0, help="candidates per sentence; 0 means 2k^2")
+    p.add_argument("--search-fraction", type=float, default=1.0, help="share of each batch's sentences searched (soft arms)")
     p.add_argument("--beam", type=int, default=5, help="beam of validation and test decoding")
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--continue-max-tokens", type=int, default=None, help="batch size of the continuations (default: --max-tokens)")

@@ -46,10 +46,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}{gpu}"
 
 
-def setup(data_bin: Path, checkpoint, beam: int, beam_loss: str, device: str, state_grad: str = "values"):
+def setup(data_bin: Path, checkpoint, beam: int, beam_loss: str, device: str, state_grad: str = "values", fraction: float = 1.0):
     argv = [str(data_bin), "--user-dir", str(ROOT / "fairseq_plugins"), "--task", "translation_soft_beam",
             "--criterion", "soft_beam", "--label-smoothing", "0.1", "--beam-loss", beam_loss,
-            "--soft-beam-size", str(beam), "--soft-beam-state-grad", state_grad, *MODEL_ARGS]  # fmt: skip
+            "--soft-beam-size", str(beam), "--soft-beam-state-grad", state_grad,
+            "--search-fraction", str(fraction), *MODEL_ARGS]  # fmt: skip
     if device == "cpu":
         argv.append("--cpu")
     cfg = options.parse_args_and_arch(options.get_training_parser(), argv)
@@ -131,6 +132,7 @@ def main():
     p.add_argument("--beams", default="4,5")
     p.add_argument("--beam-loss", default="hamming", choices=["hamming", "risk"])
     p.add_argument("--state-grads", default="values", help="comma-separated --soft-beam-state-grad modes to time (values, full)")
+    p.add_argument("--search-fractions", default="1", help="comma-separated --search-fraction values to time")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--batches", type=int, default=4, help="distinct training batches")
     p.add_argument("--reps", type=int, default=3, help="repetitions over the batches")
@@ -155,7 +157,13 @@ def main():
 
     parts = set(args.parts.split(","))
     state_grads = [m.strip() for m in args.state_grads.split(",") if m.strip()]
-    setups = {(b, sg): setup(data_bin, args.checkpoint, b, args.beam_loss, args.device, sg) for b in beams for sg in state_grads}
+    fractions = [float(f) for f in args.search_fractions.split(",") if f.strip()]
+    setups = {
+        (b, sg, f): setup(data_bin, args.checkpoint, b, args.beam_loss, args.device, sg, f)
+        for b in beams
+        for sg in state_grads
+        for f in fractions
+    }
     cfg, task, model, mle, _ = next(iter(setups.values()))
     if "train" in parts:
         train_table(args, task, model, mle, setups, beams, results)
@@ -170,9 +178,12 @@ def train_table(args, task, model, mle, setups, beams, results):
     itr = task.get_batch_iterator(task.dataset("train"), max_tokens=args.max_tokens, seed=1)
     samples = [move(s, args.device) for _, s in zip(range(args.batches), itr.next_epoch_itr(shuffle=True))]
     methods = {"mle": (model, mle)}
-    for b, sg in setups:
-        name = f"soft_beam k={b}" + (f" ({sg})" if len(setups) > len(beams) else "")
-        methods[name] = (model, setups[b, sg][4])
+    state_grads = {sg for _, sg, _ in setups}
+    fractions = {f for _, _, f in setups}
+    for b, sg, f in setups:
+        labels = ([sg] if len(state_grads) > 1 else []) + ([f"fraction {f:g}"] if len(fractions) > 1 else [])
+        name = f"soft_beam k={b}" + (f" ({', '.join(labels)})" if labels else "")
+        methods[name] = (model, setups[b, sg, f][4])
     times = {m: [] for m in methods}
     memory = {m: [] for m in methods}
     logs = {m: [] for m in methods}

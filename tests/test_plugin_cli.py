@@ -100,6 +100,8 @@ def test_two_process_cpu_distributed_keeps_ranks_equal(tiny_data_bin, tiny_check
         (["--soft-beam-gen-epsilon", "-1"], "--soft-beam-gen-epsilon must be >= 0"),
         (["--soft-beam-size", "4", "--soft-beam-candidates", "5"], "must be at least 2 \\* --soft-beam-size"),
         (["--mle-weight", "1.5"], "--mle-weight must be in \\[0, 1\\]"),
+        (["--search-fraction", "0"], "--search-fraction must be in \\(0, 1\\]"),
+        (["--search-fraction", "1.5"], "--search-fraction must be in \\(0, 1\\]"),
     ],
 )
 def test_bad_options_fail_early_with_clear_messages(tiny_data_bin_unbuilt, args, message):

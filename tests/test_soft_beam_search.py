@@ -137,6 +137,27 @@ def test_values_state_grad_keeps_the_forward_and_still_reaches_the_model(tiny_da
     assert diff > 1e-3, diff
 
 
+def test_search_fraction_searches_a_random_subset_and_scales_its_loss(tiny_data_bin, tiny_checkpoint):
+    args = ["--beam-loss", "hamming", "--soft-beam-size", "3", "--soft-beam-epsilon", "0.05", "--search-fraction", "0.3"]
+    cfg, task, model = load_task_model(tiny_data_bin, tiny_checkpoint, *args, split="valid")
+    part = task.build_criterion(cfg)
+    whole = task.build_criterion(Namespace(**{**vars(cfg), "search_fraction": 1.0}))
+    sample = batches(task, "valid", max_sentences=10)[0]
+    src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    assert src.shape[0] == 10  # so 3 sentences are searched
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        torch.manual_seed(0)
+        keep = torch.randperm(10)[:3].sort().values
+        torch.manual_seed(0)
+        loss, bleu, searched, _ = part.search_loss(model, sample, enc)
+        # the same three sentences, searched on their own by the whole-batch criterion
+        sub = {"net_input": {"src_tokens": src[keep], "src_lengths": lengths[keep]}, "target": sample["target"][keep]}
+        ref, ref_bleu, ref_searched, _ = whole.search_loss(model, sub, model.encoder.reorder_encoder_out(enc, keep))
+    assert searched == ref_searched == 3 and bleu == pytest.approx(ref_bleu)
+    torch.testing.assert_close(loss, ref * 10 / 3)  # scaled to estimate the whole batch's sum
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_training_step_on_cuda(tiny_data_bin, tiny_checkpoint, dtype):
