@@ -271,25 +271,27 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
         best = values.argmax(0)  # (B,)
         return candidates[best, rows], Qs[best, rows], (best == 0).all()  # (B, m), (B, m, n)
 
-    def run(stages, g, budget):
+    def run(stages, g, budget, guarded_start=True):
         """Newton over the stages from g; returns g, its plan P and Q (B, m, n) at the last
         stage's eps, iterations, final marginal error, and whether the last stage stalled.
 
         Guarded steps until one where every row took the full step; from then on unguarded,
         which evaluates one plan per iteration instead of three. An unguarded step that more
-        than doubles the marginal error is undone, and the guard comes back."""
+        than doubles the marginal error is undone, and the guard comes back. From a warm start
+        (``guarded_start=False``) the first step is already unguarded: it is usually a full
+        step that every row would take."""
         iters, err, stalled = 0, math.inf, False
         for e, target in stages:
             neg = _neg_cost(Ct, e, col_bias)
             P, Q = _plan_from(g, neg, mu, e, floor)  # (B, m, n)
             n_stage, stall = 0, _Stall(check_every, Ct.dtype)
-            guarded, all_full, last = True, None, None
+            guarded, all_full, last = guarded_start, None, None
             while True:
                 b = P.sum(-1)  # (B, m)
                 grad = nu - b  # (B, m)
                 if n_stage % check_every == 0:
                     err = marginal_error(grad)
-                    if not guarded and not err <= 2 * last[-1]:
+                    if last is not None and not guarded and not err <= 2 * last[-1]:
                         g, P, Q, b, grad, err = last
                         guarded = True
                     else:
@@ -308,7 +310,7 @@ def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
     iters, err, method, stalled = 0, math.inf, "newton", False
     if g0 is not None:
         warm = _regauge(g0.to(nu.dtype), ground)
-        g, P, Q, iters, err, stalled = run([(eps, tol)], warm, min(max_iter, warm_budget))
+        g, P, Q, iters, err, stalled = run([(eps, tol)], warm, min(max_iter, warm_budget), guarded_start=False)
     # The fallbacks help where Newton failed, not where it reached the dtype's rounding floor.
     if not err <= tol and not stalled:
         g, P, Q, more, err, stalled = run(stages, torch.zeros_like(nu), max_iter)

