@@ -40,9 +40,9 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
         default=1.0,
         metadata={
             "help": "fraction of each batch's sentences on which the beam search runs (a random subset, drawn "
-            "anew every update); the MLE term always covers the whole batch, and the beam loss is scaled by "
-            "batch / searched sentences so that it keeps its weight. Below 1 a step costs less: the search, not "
-            "the MLE pass, is most of it"
+            "anew every update; validation searches every sentence); the MLE term always covers the whole batch, "
+            "and the beam loss is scaled by batch / searched sentences so that it keeps its weight. Below 1 a step "
+            "costs less: the search, not the MLE pass, is most of it"
         },
     )
     max_len_a: float = field(default=1.2, metadata={"help": "search max length = a * source length + b"})
@@ -117,7 +117,9 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             net_output = fs_model.decoder(net_input["prev_output_tokens"], encoder_out=encoder_out, src_lengths=net_input["src_lengths"])
             mle_loss, nll_loss = self.compute_loss(fs_model, net_output, sample, reduce=True)
 
-        beam_loss, top_bleu, searched, stats = self.search_loss(fs_model, sample, encoder_out)
+        # Validation searches every sentence: its loss, which picks checkpoint_best, must not depend on a draw.
+        fraction = self.search_fraction if fs_model.training else 1.0
+        beam_loss, top_bleu, searched, stats = self.search_loss(fs_model, sample, encoder_out, fraction)
         loss = self.mle_weight * mle_loss + (1 - self.mle_weight) * beam_loss
 
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -139,15 +141,16 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         }
         return loss, sample_size, logging_output
 
-    def search_loss(self, model, sample, encoder_out):
-        """Runs the soft beam search on the whole batch or, with --search-fraction below 1, on a
-        random subset of its sentences. Returns (the beam loss summed over sentences, scaled to the
+    def search_loss(self, model, sample, encoder_out, fraction=None):
+        """Runs the soft beam search on the whole batch or, with a ``fraction`` (default:
+        --search-fraction) below 1, on a random subset of its sentences. Returns (the beam loss summed over sentences, scaled to the
         whole batch; the top beams' summed sentence BLEU; the number of sentences searched; stats)."""
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
         target = sample["target"]  # (B, T) ending with EOS, right-padded
         batch = src_tokens.shape[0]
-        searched = batch if self.search_fraction >= 1 else max(1, math.ceil(self.search_fraction * batch))
+        fraction = self.search_fraction if fraction is None else fraction
+        searched = batch if fraction >= 1 else max(1, math.ceil(fraction * batch))
         if searched < batch:
             # the global RNG, which fairseq seeds: runs repeat, and each update draws anew
             keep = torch.randperm(batch)[:searched].sort().values.to(src_tokens.device)  # (searched,)

@@ -156,6 +156,9 @@ def test_search_fraction_searches_a_random_subset_and_scales_its_loss(tiny_data_
         ref, ref_bleu, ref_searched, _ = whole.search_loss(model, sub, model.encoder.reorder_encoder_out(enc, keep))
     assert searched == ref_searched == 3 and bleu == pytest.approx(ref_bleu)
     torch.testing.assert_close(loss, ref * 10 / 3)  # scaled to estimate the whole batch's sum
+    # validation (the model in eval mode) searches every sentence, whatever the fraction
+    with torch.no_grad():
+        assert part(model, sample)[2]["searched"] == 10
 
 
 @pytest.mark.cuda
