@@ -143,8 +143,9 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def search_loss(self, model, sample, encoder_out, fraction=None):
         """Runs the soft beam search on the whole batch or, with a ``fraction`` (default:
-        --search-fraction) below 1, on a random subset of its sentences. Returns (the beam loss summed over sentences, scaled to the
-        whole batch; the top beams' summed sentence BLEU; the number of sentences searched; stats)."""
+        --search-fraction) below 1, on a random subset of its sentences. Returns the beam loss
+        summed over sentences and scaled to the whole batch, the top beams' summed sentence BLEU,
+        the number of sentences searched, and the search's stats."""
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
         target = sample["target"]  # (B, T) ending with EOS, right-padded

@@ -57,7 +57,8 @@ def _check_values(x: torch.Tensor, k: int) -> None:
 
 
 def _normalised_cost(x: torch.Tensor, anchors: torch.Tensor):
-    """x (B, n) with -inf masked; anchors (m,) -> cost (B, n, m), finite mask (B, n), counts (B,).
+    """x (B, n) with -inf masked; anchors (m,) -> cost (B, n, m), normalised scores z (B, n) in
+    [0, 1] (0 where masked), finite mask (B, n), counts (B,).
 
     The cost is a transposed view of an anchor-major (B, m, n) tensor: the solver's layout, so
     neither the forward nor the backward copies it across layouts."""
