@@ -58,8 +58,9 @@ def _neg_cost(Ct: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Ten
 
 # Logits this far under a row's largest are floored: exp would return under e^-80 = 1.8e-35
 # relative to the largest term, far under float32 and float64 rounding of the sums, and torch's
-# vectorised CPU exp leaves its fast path for results under float32's normal range (measured:
-# 12x to 30x slower per element below -88, where logits at eps = 0.01 spend most of their range).
+# vectorised CPU exp leaves its fast path for results under float32's normal range (measured by
+# scripts/bench_exp_underflow.py: 12x to 32x slower per element below -88, where logits at
+# eps = 0.01 spend most of their range).
 _LOG_FLOOR = -80.0
 
 
