@@ -99,19 +99,26 @@ class SearchStats:
     marginal_errors: list = field(default_factory=list)
 
 
-def _mask_log_probs(lprobs, step, max_len, min_len, eos, pad, unk, unk_penalty):
-    """fairseq's per-step edits, out of place so that autograd sees them. lprobs (rows, V)."""
-    vocab = lprobs.shape[-1]
-    ids = torch.arange(vocab, device=lprobs.device)
-    banned = ids == pad
-    if step >= max_len:
-        banned = ids != eos
-    elif step < min_len:
-        banned = banned | (ids == eos)
+def _candidate_scores(lprobs, cum, step, max_len, min_len, eos, pad, unk, unk_penalty):
+    """Each (beam, token) candidate's score, beam score + log-prob, with fairseq's per-step edits
+    of the log-probs; for ranking only (no autograd). lprobs (B' K, V), cum (B', K) ->
+    (B', K, V), or (B', 1, V) at step 0, where every beam is the same.
+
+    One new tensor, edited in place: the full-vocabulary passes are most of the bookkeeping's cost.
+    """
+    B, K = cum.shape
+    lprobs = lprobs.view(B, K, -1)  # (B', K, V)
+    cand = lprobs[:, :1].clone() if step == 0 else lprobs + cum.unsqueeze(-1)
+    cand[..., pad] = -math.inf
     if unk_penalty:
-        lprobs = lprobs - unk_penalty * (ids == unk).to(lprobs.dtype)
-    # NaN -> -inf as fairseq does; one pass (nan_to_num is 4x slower and also clips +-inf)
-    return torch.where(banned | torch.isnan(lprobs), -math.inf, lprobs)
+        cand[..., unk] -= unk_penalty
+    if step >= max_len:
+        cand[..., :eos] = -math.inf
+        cand[..., eos + 1 :] = -math.inf
+    elif step < min_len:
+        cand[..., eos] = -math.inf
+    # NaN -> -inf as fairseq does (a NaN log-prob stays NaN after adding the beam score)
+    return torch.nan_to_num_(cand, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def beam_search(
@@ -169,13 +176,8 @@ def beam_search(
         # Rank the B' K V candidates without autograd: only the M kept ones need gradients, and
         # every full-vocabulary op under autograd would keep a (B' K, V) copy for backward.
         with torch.no_grad():
-            masked = _mask_log_probs(lprobs, step, max_len, cfg.min_len, eos, pad, unk, cfg.unk_penalty)
-            masked = masked.view(B, K, V)  # (B', K, V)
-            if step == 0:
-                cand = masked[:, :1, :]  # (B', 1, V): all beams are equal at the start
-            else:
-                cand = masked + cum.unsqueeze(-1)  # (B', K, V)
-            flat = cand.reshape(B, -1)  # (B', K V) or (B', V)
+            cand = _candidate_scores(lprobs, cum, step, max_len, cfg.min_len, eos, pad, unk, cfg.unk_penalty)
+            flat = cand.view(B, -1)  # (B', K V), or (B', V) at step 0
             n_hard = min(cand_size, flat.shape[1] - 1)  # -1 so that pad is never a candidate
             n_cand = min(max(cfg.candidates, n_hard), flat.shape[1] - 1) if soft else n_hard
             ranked, top_idx = torch.topk(flat, n_cand)  # (B', M)

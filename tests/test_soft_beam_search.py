@@ -14,15 +14,17 @@ from soft_beam.search import SearchConfig, beam_search
 pytestmark = pytest.mark.slow  # needs the tiny model trained by stock fairseq-train
 
 
-def gen_args(beam, lenpen, **kw):
-    return Namespace(beam=beam, lenpen=lenpen, max_len_a=1.2, max_len_b=5, min_len=1, unkpen=0.0, **kw)
+def gen_args(beam, lenpen, min_len=1, unkpen=0.0, **kw):
+    return Namespace(beam=beam, lenpen=lenpen, max_len_a=1.2, max_len_b=5, min_len=min_len, unkpen=unkpen, **kw)
 
 
-@pytest.mark.parametrize("beam,lenpen", [(1, 1.0), (3, 1.0), (5, 0.3), (4, 2.0)])
-def test_hard_mode_generator_is_token_identical_to_fairseq(tiny_data_bin, tiny_checkpoint, beam, lenpen):
+@pytest.mark.parametrize(
+    "beam,lenpen,min_len,unkpen", [(1, 1.0, 1, 0.0), (3, 1.0, 1, 0.0), (5, 0.3, 1, 0.0), (4, 2.0, 1, 0.0), (3, 1.0, 4, -8.0)]
+)
+def test_hard_mode_generator_is_token_identical_to_fairseq(tiny_data_bin, tiny_checkpoint, beam, lenpen, min_len, unkpen):
     _, task, model = load_task_model(tiny_data_bin, tiny_checkpoint)
-    ours = task.build_generator([model], gen_args(beam, lenpen))
-    stock = TranslationTask.build_generator(task, [model], gen_args(beam, lenpen))
+    ours = task.build_generator([model], gen_args(beam, lenpen, min_len, unkpen))
+    stock = TranslationTask.build_generator(task, [model], gen_args(beam, lenpen, min_len, unkpen))
     assert type(ours).__name__ == "SoftBeamGenerator" and type(stock).__name__ == "SequenceGenerator"
     compared = 0
     for sample in batches(task):
@@ -190,3 +192,31 @@ def test_half_precision_training_step_on_cuda(tiny_data_bin, tiny_checkpoint, dt
 def test_search_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SearchConfig(**kwargs)
+
+
+def test_candidate_scores_apply_fairseqs_log_prob_edits():
+    """Against fairseq's SequenceGenerator edits, written out: NaN -> -inf, pad banned, unk
+    penalised, EOS banned before min_len and forced at max_len; then the beam score added."""
+    from soft_beam.search import _candidate_scores
+
+    torch.manual_seed(0)
+    B, K, V, eos, pad, unk = 3, 2, 9, 2, 1, 3
+    lprobs = torch.log_softmax(torch.randn(B * K, V), -1)
+    lprobs[0, 5] = float("nan")
+    lprobs[3, 7] = float("nan")
+    cum = torch.randn(B, K)
+    for step, max_len, min_len in [(0, 10, 1), (1, 10, 1), (1, 10, 3), (4, 4, 1)]:
+        ref = lprobs.clone()
+        ref[ref != ref] = -torch.inf
+        ref[:, pad] = -torch.inf
+        ref[:, unk] -= 0.5
+        if step >= max_len:
+            ref[:, :eos] = -torch.inf
+            ref[:, eos + 1 :] = -torch.inf
+        elif step < min_len:
+            ref[:, eos] = -torch.inf
+        ref = ref.view(B, K, V)
+        ref = ref[:, :1] if step == 0 else ref + cum.unsqueeze(-1)
+        got = _candidate_scores(lprobs, cum, step, max_len, min_len, eos, pad, unk, 0.5)
+        assert torch.equal(got, ref), (step, max_len, min_len)
+    assert torch.isnan(lprobs[0, 5]) and torch.isnan(lprobs[3, 7])  # the input is left as it was
