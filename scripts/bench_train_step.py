@@ -142,7 +142,7 @@ def main():
     p.add_argument("--beam-loss", default="hamming", choices=["hamming", "risk"])
     p.add_argument("--state-grads", default="values", help="comma-separated --soft-beam-state-grad modes to time (values, full)")
     p.add_argument("--search-fractions", default="1", help="comma-separated --search-fraction values to time")
-    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", default="2048", help="batch size in tokens; comma-separated: one table each")
     p.add_argument("--batches", type=int, default=4, help="distinct training batches")
     p.add_argument("--reps", type=int, default=3, help="repetitions over the batches")
     p.add_argument("--gen-beam", type=int, default=5)
@@ -175,16 +175,17 @@ def main():
     }
     cfg, task, model, mle, _ = next(iter(setups.values()))
     if "train" in parts:
-        train_table(args, task, model, mle, setups, beams, results)
+        for max_tokens in [int(t) for t in args.max_tokens.split(",")]:
+            train_table(args, max_tokens, task, model, mle, setups, results)
     if "generate" in parts:
         generate_table(args, task, model, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
 
-def train_table(args, task, model, mle, setups, beams, results):
+def train_table(args, max_tokens, task, model, mle, setups, results):
     task.load_dataset("train")
-    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=args.max_tokens, seed=1)
+    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=max_tokens, seed=1)
     samples = [move(s, args.device) for _, s in zip(range(args.batches), itr.next_epoch_itr(shuffle=True))]
     methods = {"mle": (model, mle)}
     state_grads = {sg for _, sg, _ in setups}
@@ -220,7 +221,7 @@ def train_table(args, task, model, mle, setups, beams, results):
             iters = f"{statistics.mean(lg['solver_iters'] / max(lg['solver_calls'], 1) for lg in logs[name]):.1f}"
         gnorm = statistics.median(lg["grad_norm"] for lg in logs[name])
         print(f"| {name} | {t:.3f} | {t / base_t:.2f} | {m / 2**20:.1f} | {m / base_m:.1f} | {steps} | {iters} | {gnorm:.3g} |")
-        results["train"][name] = {
+        results["train"].setdefault(str(max_tokens), {})[name] = {
             "median_s": t, "ratio": t / base_t, "memory_bytes": m, "memory_ratio": m / base_m, "grad_norm": gnorm
         }  # fmt: skip
 
