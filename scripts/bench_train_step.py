@@ -94,12 +94,14 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def timed_step(model, criterion, sample, device, count_saved=False):
+def timed_step(model, criterion, sample, device, count_saved=False, seed=0):
     """One forward and backward. On CPU, ``count_saved`` runs it under :class:`SavedBytes`, whose
     Python hook fires for every tensor saved for backward: that costs the many-small-op search
-    far more than the MLE step, so the timed repetitions run without it."""
+    far more than the MLE step, so the timed repetitions run without it. ``seed`` fixes dropout and
+    the ``--search-fraction`` draw, so that every repetition of a batch searches the same sentences."""
     model.train()
     model.zero_grad()
+    torch.manual_seed(seed)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -198,9 +200,9 @@ def train_table(args, max_tokens, task, model, mle, setups, results):
     memory = {m: [] for m in methods}
     logs = {m: [] for m in methods}
     for rep in range(args.reps + 1):  # rep 0 warms up and, on CPU, counts the saved bytes
-        for sample in samples:
+        for i, sample in enumerate(samples):
             for name, (mdl, crit) in methods.items():
-                seconds, mem, log = timed_step(mdl, crit, sample, args.device, count_saved=rep == 0)
+                seconds, mem, log = timed_step(mdl, crit, sample, args.device, count_saved=rep == 0, seed=i)
                 if mem is not None:
                     memory[name].append(mem)
                 if rep:
