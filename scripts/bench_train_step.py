@@ -8,8 +8,8 @@ against fairseq's, on the same real batches and the same model, measured side by
 Each repetition runs every method once on the same batch, in turn, so a noisy machine slows
 all of them alike; the table reports medians and ratios to the MLE step (or to stock fairseq
 generation). Memory on CPU is the bytes autograd saves for backward (activations), which is
-what grows with the search, counted in the warm-up repetition only (the counting hook slows the
-search's many small ops); on CUDA it is torch.cuda.max_memory_allocated. The ratios depend on
+what grows with the search, counted in the warm-up repetition only (the counting hook is Python
+code run for every saved tensor); on CUDA it is torch.cuda.max_memory_allocated. The ratios depend on
 torch's thread count (printed): the MLE step is mostly large matrix products, which use every
 thread, and the search mostly small ops, which do not.
 """
@@ -96,8 +96,8 @@ class SavedBytes:
 
 def timed_step(model, criterion, sample, device, count_saved=False, seed=0):
     """One forward and backward. On CPU, ``count_saved`` runs it under :class:`SavedBytes`, whose
-    Python hook fires for every tensor saved for backward: that costs the many-small-op search
-    far more than the MLE step, so the timed repetitions run without it. ``seed`` fixes dropout and
+    Python hook fires for every tensor saved for backward, far more often in the many-small-op
+    search than in the MLE step; the timed repetitions run without it. ``seed`` fixes dropout and
     the ``--search-fraction`` draw, so that every repetition of a batch searches the same sentences."""
     model.train()
     model.zero_grad()
