@@ -62,10 +62,10 @@ class SearchConfig:
     max_iter: int = 100
     # "full": the exact gradient of the relaxed search, also through the weights that mix the next
     # decoder inputs and states. Each step's weights respond to score gaps at about 1/epsilon and
-    # feed the next step's scores, so this path compounds over the decoding steps (1.1e4 to
-    # 4.4e5 per token against MLE's 0.93 on a trained model at epsilon 0.01; bench_train_step.py). "values": those two mixtures pass
-    # gradient to the mixed values only; the weights still get it through the beam scores and the
-    # reference tracks. Biased, but bounded; the forward is the same.
+    # feed the next step's scores, so this path compounds over the decoding steps (1.1e4 to 4.4e5
+    # per token against MLE's 0.93 on a trained model at epsilon 0.01; bench_train_step.py).
+    # "values": those two mixtures pass gradient to the mixed values only; the weights still get it
+    # through the beam scores and the reference tracks. Biased, but bounded; the forward is the same.
     state_grad: str = "values"
 
     def __post_init__(self):
@@ -104,7 +104,8 @@ def _candidate_scores(lprobs, cum, step, max_len, min_len, eos, pad, unk, unk_pe
     of the log-probs; for ranking only (no autograd). lprobs (B' K, V), cum (B', K) ->
     (B', K, V), or (B', 1, V) at step 0, where every beam is the same.
 
-    One new tensor, edited in place: the full-vocabulary passes are most of the bookkeeping's cost.
+    One new tensor, edited in place: two full-vocabulary passes (the sum and the NaN check), where
+    separate masks and a ``where`` took four.
     """
     B, K = cum.shape
     lprobs = lprobs.view(B, K, -1)  # (B', K, V)
