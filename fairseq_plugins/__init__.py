@@ -1,10 +1,10 @@
 """soft-beam's fairseq ``--user-dir``: registers the ``translation_soft_beam`` task and the
 ``soft_beam`` criterion, and fixes three faults of fairseq-fixed 0.12.3.1 under current torch (see ``compat``)."""
 
-from .compat import allow_fairseq_checkpoints, keep_last_partial_batch, report_nans_without_backward_hooks
+from . import compat
 
-allow_fairseq_checkpoints()
-keep_last_partial_batch()
-report_nans_without_backward_hooks()
+# At import: fairseq imports a --user-dir while parsing arguments, before it loads a checkpoint or
+# batches data, and it looks the patched functions up at call time.
+compat.apply()
 
 from . import criterion, task  # noqa: E402,F401  (registers soft_beam and translation_soft_beam)
