@@ -1,4 +1,7 @@
-"""Adapts a stock fairseq encoder-decoder model to ``soft_beam.search.StepModel``."""
+"""Adapts a stock fairseq encoder-decoder model to ``soft_beam.search.StepModel``.
+
+What this needs of fairseq beyond its public model API is in ``fairseq_shim``.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +9,8 @@ import contextlib
 
 import torch
 from fairseq.models import FairseqEncoderDecoderModel
-from fairseq.modules import MultiheadAttention
 
-
-class _GivenEmbedding(torch.nn.Module):
-    """Stands in for ``decoder.embed_tokens`` for one call: returns the given mixture."""
-
-    def __init__(self, values: torch.Tensor):
-        super().__init__()
-        self.values = values  # (rows, 1, D)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.values
+from . import fairseq_shim
 
 
 def unwrap_model(model):
@@ -39,7 +32,8 @@ class FairseqStepModel:
     """Incremental decoding of one fairseq encoder-decoder model over sentence-major beam rows.
 
     The decoder is the stock one: mixed input embeddings are fed by swapping its
-    ``embed_tokens`` for one call, so positions, scaling and layer norms apply as usual.
+    ``embed_tokens`` for one call (``fairseq_shim.given_input_embeddings``), so positions,
+    scaling and layer norms apply as usual.
     """
 
     def __init__(self, model, net_input: dict, beam: int, encoder_out=None):
@@ -55,26 +49,20 @@ class FairseqStepModel:
         self.incremental_state: dict = {}
         # Self-attention caches get mixed. Encoder-decoder caches are equal across a sentence's
         # beams, so they need no mixing (fairseq skips their same-size reorders for that reason).
-        self.self_attentions = [m for m in self.decoder.modules() if isinstance(m, MultiheadAttention) and m.self_attention]
+        self.self_attentions = fairseq_shim.self_attention_layers(self.decoder)
 
     def step(self, tokens, input_embedding):
-        ctx = self._embedding(input_embedding) if input_embedding is not None else contextlib.nullcontext()
+        if input_embedding is None:
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = fairseq_shim.given_input_embeddings(self.decoder, input_embedding)
         with ctx:
             logits, extra = self.decoder(tokens, encoder_out=self.encoder_out, incremental_state=self.incremental_state)
         lprobs = self.model.get_normalized_probs((logits[:, -1:, :], extra), log_probs=True)  # (rows, 1, V)
         return lprobs[:, -1, :]
 
-    @contextlib.contextmanager
-    def _embedding(self, values):
-        original = self.decoder.embed_tokens
-        self.decoder.embed_tokens = _GivenEmbedding(values.unsqueeze(1))  # (rows, D) -> (rows, 1, D)
-        try:
-            yield
-        finally:
-            self.decoder.embed_tokens = original
-
     def embed(self, tokens):
-        return self.decoder.embed_tokens(tokens)
+        return fairseq_shim.token_embeddings(self.decoder, tokens)
 
     def reorder(self, order):
         self.decoder.reorder_incremental_state_scripting(self.incremental_state, order)
@@ -83,7 +71,7 @@ class FairseqStepModel:
     def mix(self, weights):
         B, K, _ = weights.shape
         for attn in self.self_attentions:
-            buffer = attn._get_input_buffer(self.incremental_state)
+            buffer = fairseq_shim.attention_cache(attn, self.incremental_state)
             for key in ("prev_key", "prev_value"):
                 cache = buffer.get(key)
                 if cache is None:
@@ -91,4 +79,4 @@ class FairseqStepModel:
                 flat = cache.reshape(B, K, -1)  # (rows, H, T, d) -> (B, K, H T d)
                 mixed = torch.bmm(weights.to(flat.dtype), flat)  # (B, K_new, H T d)
                 buffer[key] = mixed.view_as(cache)
-            attn._set_input_buffer(self.incremental_state, buffer)
+            fairseq_shim.set_attention_cache(attn, self.incremental_state, buffer)
