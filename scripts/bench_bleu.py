@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -35,24 +34,16 @@ import sys
 import time
 from pathlib import Path
 
-from machine_info import cpu_model
+from bench_common import machine_info, model_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 DEFAULT_RAW = ROOT.parent / "shared" / "data" / "multi30k"
 
-# The default model: the small transformer of scripts/train_mle.sh (repeated here so results.md can show it).
-SMALL_ARCH = (
-    "--arch transformer --share-all-embeddings --encoder-layers 3 --decoder-layers 3 "
-    "--encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 "
-    "--encoder-attention-heads 4 --decoder-attention-heads 4 --dropout 0.3"
-)
-# --tiny: for smoke tests only (seconds per update on a CPU, meaningless BLEU).
-TINY_ARCH = (
-    "--arch transformer --share-all-embeddings --encoder-layers 1 --decoder-layers 1 "
-    "--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 "
-    "--encoder-attention-heads 2 --decoder-attention-heads 2 --dropout 0.1"
-)
+# The default model is train_mle.sh's small transformer, passed explicitly so that results.md shows it;
+# --tiny is for smoke tests only (seconds per update on a CPU, meaningless BLEU).
+SMALL_ARCH = model_flags("small")
+TINY_ARCH = model_flags("tiny")
 
 ARM_LABELS = {
     "mle_base": "MLE base (start of the continuations)",
@@ -382,7 +373,7 @@ def summarise(args, prep, runs, evals, elapsed) -> dict:
         "elapsed_s": elapsed,
         "compute_s": sum(r.get("process_wall_s", 0.0) for rs in runs.values() for r in rs)
         + sum(e.get("process_wall_s", 0.0) for es in evals.values() for e in es),
-        "machine": machine_info(args),
+        "machine": machine_info("cuda" if args.gpu else "cpu"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": prep,
         "bleu_signature": sig["bleu_signature"],
@@ -391,42 +382,6 @@ def summarise(args, prep, runs, evals, elapsed) -> dict:
         "arms": arms,
         "targets": targets,
     }
-
-
-def machine_info(args) -> dict:
-    cpu = cpu_model()
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpu": None,
-    }
-    try:
-        mem_kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
-        info["ram_gib"] = round(mem_kb / 2**20, 1)
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if args.gpu:
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    try:  # not `import fairseq`: it reconfigures logging
-        from importlib.metadata import PackageNotFoundError, version
-
-        for dist in ("fairseq-fixed", "fairseq"):
-            try:
-                info["fairseq"] = f"{dist} {version(dist)}"
-                break
-            except PackageNotFoundError:
-                continue
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    return info
 
 
 def plot(summary: dict, path: Path, mle_updates: int) -> None:

@@ -9,11 +9,10 @@ On the CPUs measured, exp leaves its vectorised fast path for results under floa
 normal number (about e^-87.3); the ratio column shows by how much.
 """
 
-import platform
 import time
 
 import torch
-from machine_info import cpu_model
+from bench_common import machine_description
 
 
 def median_ms(fn, reps=30):
@@ -29,8 +28,7 @@ def median_ms(fn, reps=30):
 
 def main():
     torch.set_num_threads(1)
-    print(f"# {cpu_model()}, torch {torch.__version__}, python {platform.python_version()}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, 1 thread")  # fmt: skip
+    print(f"# {machine_description('cpu')}; CPU capability {torch.backends.cpu.get_cpu_capability()}")
     values = [-10.0, -50.0, -80.0, -87.0, -88.0, -95.0, -100.0, -104.0, -110.0, -200.0, -1000.0]
     tensors = {v: torch.full((3, 64, 11, 200), v) for v in values}
     times = {v: [] for v in values}

@@ -42,15 +42,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from machine_info import cpu_model
+from bench_common import SavedBytes, machine_description, sync
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,52 +61,6 @@ REF_ITERS = 200  # the iteration count of the paper's reference code (TopK_custo
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def machine_description(device: torch.device) -> str:
-    cpu = cpu_model()
-    parts = [
-        f"CPU: {cpu}, {os.cpu_count()} logical cores (torch threads {torch.get_num_threads()})",
-        f"torch {torch.__version__}, python {platform.python_version()}",
-        f"device: {device}",
-    ]
-    if device.type == "cuda":
-        parts.append(f"GPU: {torch.cuda.get_device_name(device)}")
-    return "; ".join(parts)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class SavedBytes:
-    """Sums the bytes of distinct storages saved for backward while active."""
-
-    def __init__(self):
-        self.storages: dict[int, int] = {}
-
-    def _pack(self, t):
-        st = t.untyped_storage()
-        self.storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    def add(self, t):
-        if t is not None:
-            st = t.untyped_storage()
-            self.storages[st.data_ptr()] = st.nbytes()
-
-    @property
-    def mb(self):
-        return sum(self.storages.values()) / 2**20
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
 
 
 def problem(x, k):

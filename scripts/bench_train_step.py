@@ -17,8 +17,6 @@ thread, and the search mostly small ops, which do not.
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +24,7 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-from machine_info import cpu_model
+from bench_common import SavedBytes, machine_description, model_args, sync
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,19 +34,7 @@ from fairseq.tasks.translation import TranslationTask  # noqa: E402
 
 import fairseq_plugins  # noqa: E402,F401  (registers the task and criterion, compat fixes)
 
-MODEL_ARGS = [
-    "--arch", "transformer", "--share-all-embeddings", "--encoder-layers", "3", "--decoder-layers", "3",
-    "--encoder-embed-dim", "256", "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "512",
-    "--decoder-ffn-embed-dim", "512", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-    "--dropout", "0.1",
-]  # fmt: skip
-
-
-def machine() -> str:
-    cpu = cpu_model()
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}{gpu}")  # fmt: skip
+MODEL_ARGS = model_args("small", dropout=0.1)
 
 
 def setup(data_bin: Path, checkpoint, beam: int, beam_loss: str, device: str, state_grad: str = "values", fraction: float = 1.0):
@@ -69,31 +55,6 @@ def setup(data_bin: Path, checkpoint, beam: int, beam_loss: str, device: str, st
     return cfg, task, model.to(device), task.build_criterion(mle_cfg), task.build_criterion(cfg)
 
 
-class SavedBytes:
-    """Counts the bytes of the distinct storages autograd saves for backward while active
-    (a weight saved at every decoding step counts once)."""
-
-    def __init__(self):
-        self.storages = {}
-
-    @property
-    def bytes(self):
-        return sum(self.storages.values())
-
-    def __enter__(self):
-        def pack(t):
-            storage = t.untyped_storage()
-            self.storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-
 def timed_step(model, criterion, sample, device, count_saved=False, seed=0):
     """One forward and backward. On CPU, ``count_saved`` runs it under :class:`SavedBytes`, whose
     Python hook fires for every tensor saved for backward, far more often in the many-small-op
@@ -102,16 +63,15 @@ def timed_step(model, criterion, sample, device, count_saved=False, seed=0):
     model.train()
     model.zero_grad()
     torch.manual_seed(seed)
+    sync(device)
     if device == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     saved = SavedBytes() if count_saved and device != "cuda" else contextlib.nullcontext()
     start = time.perf_counter()
     with saved:
         loss, sample_size, log = criterion(model, sample)
     loss.backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     seconds = time.perf_counter() - start
     memory = torch.cuda.max_memory_allocated() if device == "cuda" else (saved.bytes if count_saved else None)
     # what --clip-norm sees: fairseq divides the gradient by the sample size (target tokens)
@@ -121,12 +81,10 @@ def timed_step(model, criterion, sample, device, count_saved=False, seed=0):
 
 
 def timed_generate(task, generator, model, sample, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     hyps = task.inference_step(generator, [model], sample)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - start, hyps
 
 
@@ -159,12 +117,13 @@ def main():
         sys.exit(f"bench_train_step.py: error: no fairseq data-bin at {data_bin} (run data_prep/prepare-multi30k.sh)")
     beams = [int(b) for b in args.beams.split(",")]
 
-    print(f"# machine: {machine()}, device {args.device}")
+    machine = machine_description(args.device)
+    print(f"# machine: {machine}")
     if args.checkpoint:
         print(f"# model: checkpoint {args.checkpoint} (its own architecture)")
     else:
         print(f"# model: {' '.join(MODEL_ARGS)}; random init")
-    results = {"machine": machine(), "device": args.device, "train": {}, "generate": {}}
+    results = {"machine": machine, "device": args.device, "train": {}, "generate": {}}
 
     parts = set(args.parts.split(","))
     state_grads = [m.strip() for m in args.state_grads.split(",") if m.strip()]
