@@ -1,11 +1,15 @@
 """Criterion ``soft_beam``: label-smoothed MLE mixed with a loss on a beam search run inside
 training, whose beam selection is the SOFT top-k, so the loss's gradient flows through the search.
 
+It owns the training search's options, so it works with any translation task (``--task
+translation`` too). The losses themselves are ``soft_beam.losses``; this module only adapts.
+
 (No ``from __future__ import annotations`` here: fairseq reads the config's field types at runtime.)
 """
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from fairseq import metrics
@@ -15,24 +19,22 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 from fairseq.dataclass import ChoiceEnum
-from sacrebleu.metrics import BLEU
 
-from soft_beam.search import SearchConfig, SearchStats, beam_search
+from soft_beam.losses import BEAM_LOSSES, content_ids, sentence_bleu
+from soft_beam.search import SearchStats, beam_search
 
 from .decoding import FairseqStepModel, unwrap_model, wrapped_in_c10d_ddp
-from .task import TranslationSoftBeamTask
-
-BEAM_LOSSES = ChoiceEnum(["hamming", "risk"])
+from .search_options import check_target_dictionary, length_capped, search_config
 
 
 @dataclass
 class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
-    beam_loss: BEAM_LOSSES = field(
+    beam_loss: ChoiceEnum(list(BEAM_LOSSES)) = field(
         default="hamming",
         metadata={
             "help": "loss on the search result: 'hamming' (relaxed token errors of the top hypothesis "
-            "against the reference) or 'risk' (expected 1 - sentence BLEU under the softmax of the final "
-            "hypothesis scores)"
+            "against the reference; needs --soft-beam-epsilon > 0) or 'risk' (expected 1 - sentence BLEU under "
+            "the softmax of the final hypothesis scores; with --soft-beam-epsilon 0, minimum-risk training over the beam)"
         },
     )
     mle_weight: float = field(default=0.5, metadata={"help": "loss = mle_weight * label-smoothed MLE + (1 - mle_weight) * beam loss"})
@@ -45,63 +47,65 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
             "costs less: the search, not the MLE pass, is most of it"
         },
     )
+    soft_beam_size: int = field(default=4, metadata={"help": "beam size k of the search inside training"})
+    soft_beam_epsilon: float = field(
+        default=0.01,
+        metadata={
+            "help": "entropic regularisation of the SOFT top-k in training (relative to a per-step cost "
+            "normalised to [0, 1]); smaller is closer to hard beam search, 0 is hard beam search"
+        },
+    )
+    soft_beam_candidates: Optional[int] = field(  # noqa: UP045 (fairseq parses typing.Optional, not X | None)
+        default=None,
+        metadata={"help": "candidates (beam, token) per sentence that the soft top-k ranks; default 2 * k * k; at least 2 * k"},
+    )
+    soft_beam_tol: float = field(default=1e-4, metadata={"help": "solver tolerance: relative marginal error of the soft top-k"})
+    soft_beam_state_grad: ChoiceEnum(["full", "values"]) = field(
+        default="values",
+        metadata={
+            "help": "'full': the exact gradient of the relaxed search, also through the soft-top-k weights "
+            "that mix the next decoder inputs and states; 'values': those mixtures pass gradient to the "
+            "mixed values only (the weights still get it through beam scores and the loss). 'full' compounds "
+            "over decoding steps: 1e4 to 4e5 per token on a trained model, against about 1 for MLE"
+        },
+    )
     max_len_a: float = field(default=1.2, metadata={"help": "search max length = a * source length + b"})
     max_len_b: int = field(default=10, metadata={"help": "search max length = a * source length + b"})
 
 
-_SENTENCE_BLEU = BLEU(tokenize="none", effective_order=True)
-
-
-def sentence_bleu(hyp: list, ref: list) -> float:
-    """Smoothed sentence BLEU in [0, 1] of two token-id sequences (EOS and pad removed)."""
-    if not hyp:
-        return 0.0
-    return _SENTENCE_BLEU.sentence_score(" ".join(map(str, hyp)), [" ".join(map(str, ref))]).score / 100.0
-
-
-def hamming_loss(match: torch.Tensor, ref_len: int) -> torch.Tensor:
-    """Relaxed token errors: sum over the reference's positions (EOS included) of 1 - P(match).
-
-    match: (hyp_len,) soft probability that hypothesis position t holds reference token t.
-    """
-    n = min(ref_len, match.numel())
-    return ref_len - match[:n].sum()
-
-
-def risk_loss(scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-    """Expected cost under the softmax of the hypotheses' normalised scores. scores, costs: (n,)."""
-    return (torch.softmax(scores, dim=0) * costs).sum()
+# SearchConfig field -> this criterion's option, for error messages
+OPTION_NAMES = {
+    "beam": "--soft-beam-size",
+    "epsilon": "--soft-beam-epsilon",
+    "candidates": "--soft-beam-candidates",
+    "tol": "--soft-beam-tol",
+    "state_grad": "--soft-beam-state-grad",
+    "max_len_a": "--max-len-a",
+    "max_len_b": "--max-len-b",
+}
 
 
 @register_criterion("soft_beam", dataclass=SoftBeamCriterionConfig)
 class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
-    def __init__(
-        self,
-        task,
-        sentence_avg,
-        label_smoothing,
-        beam_loss="hamming",
-        mle_weight=0.5,
-        search_fraction=1.0,
-        max_len_a=1.2,
-        max_len_b=10,
-        ignore_prefix_size=0,
-        report_accuracy=False,
-    ):
-        if not isinstance(task, TranslationSoftBeamTask):
-            raise ValueError(f"the soft_beam criterion needs --task translation_soft_beam, got the task {type(task).__name__}")
-        if not 0.0 <= mle_weight <= 1.0:
-            raise ValueError(f"--mle-weight must be in [0, 1], got {mle_weight}")
-        if not 0.0 < search_fraction <= 1.0:
-            raise ValueError(f"--search-fraction must be in (0, 1], got {search_fraction}")
-        if max_len_b < 1 or max_len_a < 0:
-            raise ValueError(f"--max-len-a must be >= 0 and --max-len-b >= 1, got {max_len_a} and {max_len_b}")
-        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        self.beam_loss = str(beam_loss)
-        self.mle_weight = mle_weight
-        self.search_fraction = search_fraction
-        search = task.training_search_config()
-        self.search = SearchConfig(**{**search.__dict__, "max_len_a": max_len_a, "max_len_b": max_len_b})
+    def __init__(self, task, cfg: SoftBeamCriterionConfig):
+        if not 0.0 <= cfg.mle_weight <= 1.0:
+            raise ValueError(f"--mle-weight must be in [0, 1], got {cfg.mle_weight}")
+        if not 0.0 < cfg.search_fraction <= 1.0:
+            raise ValueError(f"--search-fraction must be in (0, 1], got {cfg.search_fraction}")
+        self.search = search_config(
+            OPTION_NAMES, beam=cfg.soft_beam_size, epsilon=cfg.soft_beam_epsilon, candidates=cfg.soft_beam_candidates,
+            tol=cfg.soft_beam_tol, state_grad=str(cfg.soft_beam_state_grad), max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
+        )  # fmt: skip
+        tgt_dict = getattr(task, "target_dictionary", None)
+        if tgt_dict is None:
+            raise ValueError(f"the soft_beam criterion needs a translation task with a target dictionary, got {type(task).__name__}")
+        check_target_dictionary(tgt_dict)
+        self.loss = BEAM_LOSSES[str(cfg.beam_loss)](eos=tgt_dict.eos(), pad=tgt_dict.pad())
+        if self.loss.needs_soft_search and self.search.epsilon == 0:
+            raise ValueError(f"--beam-loss {cfg.beam_loss} has no gradient through a hard search: set --soft-beam-epsilon > 0")
+        super().__init__(task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size, cfg.report_accuracy)
+        self.mle_weight = cfg.mle_weight
+        self.search_fraction = cfg.search_fraction
 
     def forward(self, model, sample, reduce=True):
         if wrapped_in_c10d_ddp(model):
@@ -146,44 +150,23 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         --search-fraction) below 1, on a random subset of its sentences. Returns the beam loss
         summed over sentences and scaled to the whole batch, the top beams' summed sentence BLEU,
         the number of sentences searched, and the search's stats."""
-        net_input = sample["net_input"]
+        batch = sample["target"].shape[0]
+        net_input, target, encoder_out = _searched_part(model, sample, encoder_out, self.search_fraction if fraction is None else fraction)
         src_tokens = net_input["src_tokens"]
-        target = sample["target"]  # (B, T) ending with EOS, right-padded
-        batch = src_tokens.shape[0]
-        fraction = self.search_fraction if fraction is None else fraction
-        searched = batch if fraction >= 1 else max(1, math.ceil(fraction * batch))
-        if searched < batch:
-            # the global RNG, which fairseq seeds: runs repeat, and each update draws anew
-            keep = torch.randperm(batch)[:searched].sort().values.to(src_tokens.device)  # (searched,)
-            src_tokens, target = src_tokens[keep], target[keep]  # (searched, S), (searched, T)
-            net_input = {"src_tokens": src_tokens, "src_lengths": net_input["src_lengths"][keep]}
-            encoder_out = model.encoder.reorder_encoder_out(encoder_out, keep)
         bsz, src_len = src_tokens.shape
         tgt_dict = self.task.target_dictionary
-        eos, pad = tgt_dict.eos(), tgt_dict.pad()
+        special = (tgt_dict.eos(), tgt_dict.pad())
         stats = SearchStats()
-        step_model = FairseqStepModel(model, net_input, self.search.beam, encoder_out=encoder_out)
         finalized = beam_search(
-            step_model, bsz, src_len, self.search, bos=eos, eos=eos, pad=pad, unk=tgt_dict.unk(),
-            device=src_tokens.device, reference=target if self.beam_loss == "hamming" else None, stats=stats,
+            FairseqStepModel(model, net_input, self.search.beam, encoder_out=encoder_out), bsz, src_len,
+            length_capped(self.search, model), bos=tgt_dict.eos(), eos=tgt_dict.eos(), pad=tgt_dict.pad(), unk=tgt_dict.unk(),
+            device=src_tokens.device, features=self.loss.features(target), stats=stats,
         )  # fmt: skip
-
         losses, top_bleu = [], 0.0
         for s, hyps in enumerate(finalized):
-            ref = [t for t in target[s].tolist() if t not in (pad, eos)]
-            ref_len = len(ref) + 1  # with EOS
-            token_lists = [[t for t in h.tokens.tolist() if t not in (pad, eos)] for h in hyps]
-            top_bleu += sentence_bleu(token_lists[0], ref)
-            if self.beam_loss == "hamming":
-                losses.append(hamming_loss(hyps[0].reference_match, ref_len))
-            else:
-                scores = torch.stack([h.score for h in hyps])
-                if scores.dtype in (torch.float16, torch.bfloat16):
-                    scores = scores.float()
-                costs = torch.tensor([1.0 - sentence_bleu(t, ref) for t in token_lists], dtype=scores.dtype,
-                                     device=src_tokens.device)  # fmt: skip
-                # Scaled by the reference length, so that it sums over tokens like the MLE loss.
-                losses.append(ref_len * risk_loss(scores, costs))
+            reference = content_ids(target[s], special)
+            top_bleu += sentence_bleu(content_ids(hyps[0].tokens, special), reference)
+            losses.append(self.loss.sentence_loss(hyps, reference))
         # batch / searched: an unbiased estimate of the whole batch's sum, as the MLE term is
         return torch.stack(losses).sum() * (batch / bsz), top_bleu, bsz, stats
 
@@ -211,3 +194,18 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         # Summable logs take fairseq's all_reduce path; the other path (all_gather_list)
         # allocates CUDA buffers and fails on CPU-only distributed runs.
         return True
+
+
+def _searched_part(model, sample, encoder_out, fraction):
+    """The net input (src_tokens, src_lengths), targets and encoder output of the sentences to
+    search: all of them, or a random ``fraction`` of them (at least one)."""
+    net_input, target = sample["net_input"], sample["target"]  # target (B, T) ending with EOS, right-padded
+    src_tokens = net_input["src_tokens"]
+    batch = src_tokens.shape[0]
+    searched = batch if fraction >= 1 else max(1, math.ceil(fraction * batch))
+    if searched == batch:
+        return net_input, target, encoder_out
+    # the global RNG, which fairseq seeds: runs repeat, and each update draws anew
+    keep = torch.randperm(batch)[:searched].sort().values.to(src_tokens.device)  # (searched,)
+    part = {"src_tokens": src_tokens[keep], "src_lengths": net_input["src_lengths"][keep]}  # (searched, S), (searched,)
+    return part, target[keep], model.encoder.reorder_encoder_out(encoder_out, keep)

@@ -11,7 +11,8 @@ import torch
 
 from soft_beam.search import SearchConfig, beam_search
 
-from .decoding import FairseqStepModel, unwrap_model
+from .decoding import FairseqStepModel
+from .search_options import length_capped
 
 # Generation options this generator does not implement, with the value that means "off".
 _UNSUPPORTED = {
@@ -77,10 +78,7 @@ class SoftBeamGenerator(torch.nn.Module):
         net_input = sample["net_input"]
         src_tokens = net_input["src_tokens"]
         bsz, src_len = src_tokens.shape[:2]
-        cfg = self.cfg
-        cap = unwrap_model(model).max_decoder_positions()
-        if cap != cfg.max_len_cap:
-            cfg = SearchConfig(**{**cfg.__dict__, "max_len_cap": cap})
+        cfg = length_capped(self.cfg, model)
         finalized = beam_search(
             FairseqStepModel(model, net_input, cfg.beam), bsz, src_len, cfg,
             bos=self.bos if bos_token is None else bos_token, eos=self.eos, pad=self.pad, unk=self.unk,

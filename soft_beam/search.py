@@ -40,6 +40,7 @@ __all__ = [
     "StepModel",
     "TokenFeatures",
     "Candidates",
+    "candidate_scores",
     "Picked",
     "Selection",
     "HardSelection",
@@ -198,7 +199,7 @@ class Candidates:
                           self.finishing[sentences], features)  # fmt: skip
 
 
-def _candidate_scores(lprobs, beam_scores, step, max_len, min_len, eos, pad, unk, unk_penalty):
+def candidate_scores(lprobs, beam_scores, step, max_len, min_len, eos, pad, unk, unk_penalty):
     """Each (beam, token) candidate's score, beam score + log-prob, with fairseq's per-step edits
     of the log-probs; for ranking only (no autograd). lprobs (S K, V), beam_scores (S, K) ->
     (S, K, V), or (S, 1, V) at step 0, where every beam is the same.
@@ -368,7 +369,7 @@ class BeamState:
         # Rank the S K V candidates without autograd: only the M kept ones need gradients, and
         # every full-vocabulary op under autograd would keep a (S K, V) copy for backward.
         with torch.no_grad():
-            ranking = _candidate_scores(lprobs, self.beam_scores, step, self.max_len, cfg.min_len, sp.eos, sp.pad, sp.unk, cfg.unk_penalty)
+            ranking = candidate_scores(lprobs, self.beam_scores, step, self.max_len, cfg.min_len, sp.eos, sp.pad, sp.unk, cfg.unk_penalty)
             flat = ranking.view(S, -1)  # (S, K V), or (S, V) at step 0
             n_hard = min(2 * K, flat.shape[1] - 1)  # -1 so that pad is never a candidate
             M = min(max(cfg.soft_candidates, n_hard), flat.shape[1] - 1) if cfg.epsilon > 0 else n_hard

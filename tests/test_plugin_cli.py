@@ -95,43 +95,76 @@ def test_two_process_cpu_distributed_keeps_ranks_equal(tiny_data_bin, tiny_check
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--soft-beam-size", "0"], "--soft-beam-size must be >= 1"),
-        (["--soft-beam-epsilon", "-0.1"], "--soft-beam-epsilon must be > 0"),
-        (["--soft-beam-gen-epsilon", "-1"], "--soft-beam-gen-epsilon must be >= 0"),
-        (["--soft-beam-size", "4", "--soft-beam-candidates", "5"], "must be at least 2 \\* --soft-beam-size"),
+        (["--soft-beam-size", "0"], "--soft-beam-size: beam must be an integer >= 1, got 0"),
+        (["--soft-beam-epsilon", "-0.1"], "--soft-beam-epsilon: epsilon must be a finite number >= 0"),
+        (["--soft-beam-epsilon", "0"], "--beam-loss hamming has no gradient through a hard search"),
+        (["--soft-beam-gen-epsilon", "-1"], "--soft-beam-gen-epsilon: epsilon must be a finite number >= 0"),
+        (["--soft-beam-size", "4", "--soft-beam-candidates", "5"], "--soft-beam-candidates: candidates must be at least 2 \\* beam = 8"),
+        (["--soft-beam-tol", "0"], "--soft-beam-tol: tol must be a number > 0"),
+        (["--max-len-a", "-1"], "--max-len-a: max_len_a must be a finite number >= 0"),
         (["--mle-weight", "1.5"], "--mle-weight must be in \\[0, 1\\]"),
         (["--search-fraction", "0"], "--search-fraction must be in \\(0, 1\\]"),
         (["--search-fraction", "1.5"], "--search-fraction must be in \\(0, 1\\]"),
     ],
 )
 def test_bad_options_fail_early_with_clear_messages(tiny_data_bin_unbuilt, args, message):
-    from fairseq import options, tasks
-
-    import fairseq_plugins  # noqa: F401
-
-    parser = options.get_training_parser()
-    cfg = options.parse_args_and_arch(
-        parser, [str(tiny_data_bin_unbuilt), "-s", "src", "-t", "tgt", "--user-dir", str(PLUGIN_DIR), "--task", "translation_soft_beam",
-                 "--criterion", "soft_beam", "--arch", "transformer", *args]
-    )  # fmt: skip
     with pytest.raises(ValueError, match=message):
-        task = tasks.setup_task(cfg)
+        task, cfg = setup_task(tiny_data_bin_unbuilt, "translation_soft_beam", *args)
         task.build_criterion(cfg)
 
 
-def test_criterion_needs_the_soft_beam_task(tiny_data_bin_unbuilt):
+def setup_task(data_bin, task_name, *args):
     from fairseq import options, tasks
 
     import fairseq_plugins  # noqa: F401
 
-    parser = options.get_training_parser()
     cfg = options.parse_args_and_arch(
-        parser, [str(tiny_data_bin_unbuilt), "-s", "src", "-t", "tgt", "--user-dir", str(PLUGIN_DIR), "--task", "translation",
-                 "--criterion", "soft_beam", "--arch", "transformer"]
+        options.get_training_parser(),
+        [str(data_bin), "-s", "src", "-t", "tgt", "--user-dir", str(PLUGIN_DIR), "--task", task_name,
+         "--criterion", "soft_beam", "--arch", "transformer", "--cpu", *args],
     )  # fmt: skip
-    task = tasks.setup_task(cfg)
-    with pytest.raises(ValueError, match="needs --task translation_soft_beam"):
-        task.build_criterion(cfg)
+    return tasks.setup_task(cfg), cfg
+
+
+def test_risk_loss_trains_through_a_hard_search(tiny_data_bin_unbuilt):
+    """--soft-beam-epsilon 0 with the risk loss: classical minimum-risk training over the beam."""
+    task, cfg = setup_task(tiny_data_bin_unbuilt, "translation_soft_beam", "--beam-loss", "risk", "--soft-beam-epsilon", "0")
+    assert task.build_criterion(cfg).search.epsilon == 0
+
+
+@pytest.mark.slow
+def test_criterion_trains_under_the_stock_translation_task(tiny_data_bin, tiny_checkpoint):
+    """The criterion owns the training search's options: --task translation --criterion soft_beam works."""
+    from fairseq import checkpoint_utils
+    from fairseq.tasks.translation import TranslationTask
+
+    task, cfg = setup_task(tiny_data_bin, "translation", "--soft-beam-size", "2", "--label-smoothing", "0.1", "--mle-weight", "0")
+    assert type(task) is TranslationTask
+    criterion = task.build_criterion(cfg)
+    assert criterion.search.beam == 2 and criterion.search.soft_candidates == 8
+    model = checkpoint_utils.load_model_ensemble([str(tiny_checkpoint)], task=task)[0][0].train()
+    task.load_dataset("valid")
+    loss, _, log = criterion(model, batches(task, "valid", max_sentences=4)[0])
+    loss.backward()
+    assert log["solver_calls"] > 0 and torch.isfinite(loss)
+    assert model.decoder.layers[0].self_attn.k_proj.weight.grad.norm() > 0  # through the search alone (MLE weight 0)
+
+
+def test_training_search_stops_at_the_models_learned_positions(tiny_data_bin_unbuilt):
+    """A decoder with 8 learned positions and a source whose length rule allows 46 steps: the
+    training search stops at the model's max_decoder_positions(), as fairseq's generator does."""
+    task, cfg = setup_task(tiny_data_bin_unbuilt, "translation_soft_beam", *TINY_ARCH, "--decoder-learned-pos",
+                           "--max-target-positions", "8", "--soft-beam-size", "2", "--soft-beam-epsilon", "0.1")  # fmt: skip
+    torch.manual_seed(0)
+    model = task.build_model(cfg).train()
+    criterion = task.build_criterion(cfg)
+    d = task.source_dictionary
+    src = torch.randint(d.nspecial, len(d), (2, 30))  # (B, S): max_len = 1.2 * 30 + 10 = 46
+    target = torch.cat([torch.randint(d.nspecial, len(d), (2, 5)), torch.full((2, 1), d.eos())], 1)  # (B, 6)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([30, 30])}, "target": target}
+    encoder_out = model.encoder(src, src_lengths=sample["net_input"]["src_lengths"])
+    stats = criterion.search_loss(model, sample, encoder_out)[3]
+    assert stats.steps == 8  # steps 0..7: the positions limit, 8, less one (fairseq's rule)
 
 
 def test_target_dictionary_without_eos_is_refused(tiny_data_bin_unbuilt):
