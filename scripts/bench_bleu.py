@@ -297,7 +297,7 @@ def run_protocol(args) -> dict:
                     "MLE_WEIGHT": str(args.mle_weight),
                     "BEAM_SIZE": str(args.soft_beam_size),
                     "BEAM_EPSILON": str(args.soft_beam_epsilon),
-                    "BEAM_CANDIDATES": str(args.soft_beam_candidates),
+                    "BEAM_CANDIDATES": str(args.soft_beam_candidates or ""),
                     "SEARCH_FRACTION": str(args.search_fraction),
                     "LR": str(args.continue_lr),
                     "SEARCH_MAX_LEN_B": str(args.search_max_len_b),
@@ -571,7 +571,7 @@ def parse_args(argv=None):
     p.add_argument("--mle-weight", type=float, default=0.5)
     p.add_argument("--soft-beam-size", type=int, default=4)
     p.add_argument("--soft-beam-epsilon", type=float, default=0.01)
-    p.add_argument("--soft-beam-candidates", type=int, default=0, help="candidates per sentence; 0 means 2k^2")
+    p.add_argument("--soft-beam-candidates", type=int, default=None, help="candidates per sentence (default 2k^2)")
     p.add_argument("--search-fraction", type=float, default=1.0, help="share of each batch's sentences searched (soft arms)")
     p.add_argument("--beam", type=int, default=5, help="beam of validation and test decoding")
     p.add_argument("--max-tokens", type=int, default=4096)
