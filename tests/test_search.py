@@ -11,7 +11,7 @@ import pytest
 import torch
 from step_models import BOS, EOS, PAD, UNK, RecurrentBigram
 
-from soft_beam.search import SearchConfig, SearchStats, beam_search
+from soft_beam.search import SearchConfig, SearchConfigError, SearchStats, beam_search, candidate_scores
 
 CPU = torch.device("cpu")
 
@@ -336,3 +336,48 @@ def test_gradient_through_the_search_matches_central_differences(epsilon):
         assert values_off > 1e-3, values_off
     else:  # nothing is mixed in the hard search
         assert values_off < 1e-12, values_off
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"beam": 0}, "beam must be an integer >= 1, got 0"),
+        ({"beam": 2, "epsilon": -1.0}, "epsilon must be a finite number >= 0"),
+        ({"beam": 2, "epsilon": float("nan")}, "epsilon must be a finite number >= 0"),
+        ({"beam": 2, "candidates": 3}, "candidates must be at least 2 \\* beam = 4.*got 3"),
+        ({"beam": 2, "state_grad": "both"}, "state_grad must be 'full' or 'values'"),
+        ({"beam": 2, "max_len_cap": 1}, "max_len_cap must be an integer >= 2 or None"),
+        ({"beam": 2, "tol": 0.0}, "tol must be a number > 0 or None"),
+        ({"beam": 2, "min_len": 0}, "min_len must be an integer >= 1"),
+    ],
+)
+def test_search_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(SearchConfigError, match=message) as error:
+        SearchConfig(**kwargs)
+    assert isinstance(error.value, ValueError) and error.value.setting == next(k for k in kwargs if k != "beam" or len(kwargs) == 1)
+
+
+def test_candidate_scores_apply_fairseqs_log_prob_edits():
+    """Against fairseq's SequenceGenerator edits, written out: NaN -> -inf, pad banned, unk
+    penalised, EOS banned before min_len and forced at max_len; then the beam score added."""
+    torch.manual_seed(0)
+    B, K, V, eos, pad, unk = 3, 2, 9, 2, 1, 3
+    lprobs = torch.log_softmax(torch.randn(B * K, V), -1)
+    lprobs[0, 5] = float("nan")
+    lprobs[3, 7] = float("nan")
+    cum = torch.randn(B, K)
+    for step, max_len, min_len in [(0, 10, 1), (1, 10, 1), (1, 10, 3), (4, 4, 1)]:
+        ref = lprobs.clone()
+        ref[ref != ref] = -torch.inf
+        ref[:, pad] = -torch.inf
+        ref[:, unk] -= 0.5
+        if step >= max_len:
+            ref[:, :eos] = -torch.inf
+            ref[:, eos + 1 :] = -torch.inf
+        elif step < min_len:
+            ref[:, eos] = -torch.inf
+        ref = ref.view(B, K, V)
+        ref = ref[:, :1] if step == 0 else ref + cum.unsqueeze(-1)
+        got = candidate_scores(lprobs, cum, step, max_len, min_len, eos, pad, unk, 0.5)
+        assert torch.equal(got, ref), (step, max_len, min_len)
+    assert torch.isnan(lprobs[0, 5]) and torch.isnan(lprobs[3, 7])  # the input is left as it was
