@@ -84,10 +84,23 @@ class Patch:
         return changed
 
 
+PATCHES: list[Patch] = []  # in the order they are declared below
+
+
+def patch(name: str, targets, summary: str, written_for: tuple[str, ...] = FAIRSEQ_0_12):
+    """Declares the decorated ``replace(original)`` a patch of ``targets()`` (see ``Patch``)."""
+
+    def declare(replace):
+        PATCHES.append(Patch(name, written_for, targets, replace, summary))
+        return replace
+
+    return declare
+
+
 def apply() -> list[str]:
     """Installs every patch that fits the installed fairseq; returns the names installed now."""
     version = fairseq_version()
-    return [patch.name for patch in PATCHES if patch.apply(version)]
+    return [p.name for p in PATCHES if p.apply(version)]
 
 
 # --------------------------------------------------------------------------- 1. checkpoints
@@ -114,6 +127,7 @@ def _checkpoint_modules():
     return [(checkpoint_utils, "torch"), (distributed_utils, "torch")]
 
 
+@patch("allow_fairseq_checkpoints", _checkpoint_modules, "fairseq checkpoints failing to load under torch >= 2.6 (weights_only=True)")
 def _torch_loading_full_checkpoints(original):
     """torch 2.6 made ``torch.load(weights_only=True)`` the default, and fairseq checkpoints pickle
     ``argparse.Namespace`` and omegaconf configs, so every ``fairseq-generate`` or resume fails.
@@ -130,15 +144,6 @@ def _torch_loading_full_checkpoints(original):
     return view
 
 
-ALLOW_FAIRSEQ_CHECKPOINTS = Patch(
-    name="allow_fairseq_checkpoints",
-    written_for=FAIRSEQ_0_12,
-    targets=_checkpoint_modules,
-    replace=_torch_loading_full_checkpoints,
-    summary="fairseq checkpoints failing to load under torch >= 2.6 (weights_only=True)",
-)
-
-
 # --------------------------------------------------------------------------- 2. the last partial batch
 
 
@@ -148,6 +153,7 @@ def _batch_by_size_target():
     return [(data_utils, "batch_by_size")]
 
 
+@patch("keep_last_partial_batch", _batch_by_size_target, "data_utils.batch_by_size dropping the sentences after the last full batch")
 def _batch_by_size_keeping_the_tail(original):
     """fairseq 0.12's ``data_utils.batch_by_size`` drops the last batch when its size is not a multiple
     of ``--required-batch-size-multiple`` (default 8): 100 sentences in batches of at most 16 come
@@ -174,15 +180,6 @@ def _batch_by_size_keeping_the_tail(original):
     return batch_by_size
 
 
-KEEP_LAST_PARTIAL_BATCH = Patch(
-    name="keep_last_partial_batch",
-    written_for=FAIRSEQ_0_12,
-    targets=_batch_by_size_target,
-    replace=_batch_by_size_keeping_the_tail,
-    summary="data_utils.batch_by_size dropping the sentences after the last full batch",
-)
-
-
 # --------------------------------------------------------------------------- 3. the NaN report
 
 
@@ -192,6 +189,9 @@ def _nan_detector_target():
     return [(nan_detector.NanDetector, "__init__")]
 
 
+@patch(
+    "report_nans_without_backward_hooks", _nan_detector_target, "NanDetector's re-run dying with StopIteration instead of naming the NaN"
+)
 def _nan_detector_without_backward_hooks(original):
     """When gradients are NaN/inf, fairseq's trainer re-runs the step under its ``NanDetector`` to say
     where they came from, then raises ``FloatingPointError``. The detector's legacy module backward
@@ -209,15 +209,3 @@ def _nan_detector_without_backward_hooks(original):
         original(self, model, forward=forward, backward=False)
 
     return __init__
-
-
-REPORT_NANS_WITHOUT_BACKWARD_HOOKS = Patch(
-    name="report_nans_without_backward_hooks",
-    written_for=FAIRSEQ_0_12,
-    targets=_nan_detector_target,
-    replace=_nan_detector_without_backward_hooks,
-    summary="NanDetector's re-run dying with StopIteration instead of naming the NaN",
-)
-
-
-PATCHES = (ALLOW_FAIRSEQ_CHECKPOINTS, KEEP_LAST_PARTIAL_BATCH, REPORT_NANS_WITHOUT_BACKWARD_HOOKS)
