@@ -124,3 +124,32 @@ def test_expected_risk_is_the_softmax_weighted_cost_scaled_by_the_reference_leng
 def test_every_registered_loss_states_whether_it_needs_a_soft_search(name):
     loss = BEAM_LOSSES[name](EOS, PAD)
     assert loss.needs_soft_search == (loss.features(torch.zeros(1, 2, dtype=torch.long)) is not None)
+
+
+def test_training_through_the_soft_search_on_the_hamming_loss_cuts_the_hard_searchs_errors():
+    """The point of the project, in miniature: 30 Adam steps on the relaxed Hamming loss of the
+    soft search (no MLE term) make the *hard* search's top hypotheses closer to the references
+    (measured: 28 -> 17 token errors of 30). With the soft top-k's weights detached where they
+    mix the candidates' features, it fell only to 26 (measured)."""
+    params = RecurrentBigram(sentences=6, vocab=V, seed=0)
+    target = torch.randint(4, V, (6, 5), generator=torch.Generator().manual_seed(1))  # (B, T)
+    target[:, -1] = EOS
+    references = [row[:-1].tolist() for row in target]
+    loss_fn = RelaxedHamming(EOS, PAD)
+    hard, soft = SearchConfig(beam=3, max_len_b=6), SearchConfig(beam=3, epsilon=0.3, max_len_b=6)
+
+    def errors():
+        with torch.no_grad():
+            hyps = beam_search(params.start(3), 6, 5, hard, bos=BOS, eos=EOS, pad=PAD, unk=UNK,
+                               device=torch.device("cpu"), features=loss_fn.features(target))  # fmt: skip
+        return sum(float(loss_fn.sentence_loss(h, r)) for h, r in zip(hyps, references))
+
+    before = errors()
+    optimizer = torch.optim.Adam(list(params.parameters().values()), lr=0.05)
+    for _ in range(30):
+        optimizer.zero_grad()
+        hyps = beam_search(params.start(3), 6, 5, soft, bos=BOS, eos=EOS, pad=PAD, unk=UNK,
+                           device=torch.device("cpu"), features=loss_fn.features(target))  # fmt: skip
+        sum(loss_fn.sentence_loss(h, r) for h, r in zip(hyps, references)).backward()
+        optimizer.step()
+    assert errors() <= 0.75 * before, (before, errors())

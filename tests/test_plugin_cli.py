@@ -44,9 +44,11 @@ def test_finetune_resume_and_generate(tiny_data_bin, tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("beam_loss", ["hamming", "risk"])
-def test_soft_beam_loss_falls_from_scratch(tiny_data_bin, tmp_path, beam_loss):
-    out = run([cli("fairseq-train"), tiny_data_bin, *SOFT_BEAM, "--beam-loss", beam_loss, "--max-update", "40",
+def test_risk_loss_falls_from_scratch(tiny_data_bin, tmp_path):
+    # (The relaxed Hamming loss of the top beam barely moves in 40 updates from scratch, measured
+    # 1.329 -> 1.331 bits/token, while MLE drives the total loss; that it learns through the
+    # search is tested in test_losses.py, where the hard search's errors must fall.)
+    out = run([cli("fairseq-train"), tiny_data_bin, *SOFT_BEAM, "--beam-loss", "risk", "--max-update", "40",
                "--soft-beam-size", "2", "--soft-beam-epsilon", "0.1", "--no-save", "--save-dir", tmp_path])  # fmt: skip
     log = train_log(out)
     assert len(log) == 40
@@ -56,11 +58,7 @@ def test_soft_beam_loss_falls_from_scratch(tiny_data_bin, tmp_path, beam_loss):
 
     first, last = log[:10], log[-10:]
     assert mean("loss", last) < 0.8 * mean("loss", first)  # the criterion's loss: MLE + beam loss
-    if beam_loss == "risk":
-        assert mean("beam_loss", last) < mean("beam_loss", first)
-    # From scratch, the relaxed Hamming loss of the top beam barely moves in 40 updates (measured
-    # 1.329 -> 1.331 bits/token): the model still gets most reference tokens wrong. Its gradient is
-    # checked directly in test_soft_beam_search.py (finite differences).
+    assert mean("beam_loss", last) < mean("beam_loss", first)
 
 
 def _free_port() -> int:
