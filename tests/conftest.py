@@ -11,6 +11,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (the pure-torch search tests): a second thread only adds
+    spin-waits, 100x when the machine is busy."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_data_bin(tmp_path_factory):
     from helpers import preprocess, write_synthetic_corpus

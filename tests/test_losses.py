@@ -7,6 +7,7 @@ from step_models import BOS, EOS, PAD, UNK, RecurrentBigram
 from soft_beam.losses import BEAM_LOSSES, ExpectedRisk, ReferenceHits, RelaxedHamming, expected_risk, relaxed_hamming
 from soft_beam.search import Hypothesis, SearchConfig, beam_search
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 V = 10
 
 

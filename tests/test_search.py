@@ -16,13 +16,7 @@ from soft_beam.search import SearchConfig, SearchConfigError, SearchStats, beam_
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: a second thread only adds spin-waits, 100x when the machine is busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(beam, epsilon=0.0, **kw):
