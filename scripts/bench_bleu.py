@@ -63,7 +63,11 @@ class BenchError(Exception):
 
 def run_logged(cmd: list, log: Path, env: dict | None = None) -> dict:
     """Runs cmd, appending its output to log; returns wall time and the peak RSS (MiB) of the process
-    (and its waited-for descendants) from wait4's rusage. Raises BenchError with the log tail on failure."""
+    (and its waited-for descendants) from wait4's rusage. Raises BenchError with the log tail on failure.
+
+    Linux starts a child's peak RSS at this process's RSS when it spawns the child (exec keeps the old
+    address space's high-water mark), so this process must stay small until the children have run: it
+    does not import torch (see cuda_available) or fairseq before then."""
     cmd = [str(c) for c in cmd]
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
@@ -620,13 +624,14 @@ def parse_args(argv=None):
     if not args.raw_dir.is_dir():
         p.error(f"--raw-dir {args.raw_dir} not found (the Multi30k raw .gz files)")
     args.work = args.work.resolve()
-    try:
-        import torch
-
-        args.gpu = (not args.cpu) and torch.cuda.is_available()
-    except ImportError:
-        args.gpu = False
+    args.gpu = not args.cpu and cuda_available()
     return args
+
+
+def cuda_available() -> bool:
+    # asked of a child: importing torch here would add its ~270 MiB to every later child's peak RSS (run_logged)
+    probe = [PYTHON, "-c", "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"]
+    return subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
 
 def main(argv=None) -> int:

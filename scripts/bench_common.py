@@ -1,8 +1,8 @@
 """Shared by the scripts/bench_*.py benchmarks: the machine they ran on, the model flags, and the
 memory and timing helpers.
 
-torch is imported where it is used, so that ``bench_bleu.py`` (whose own process only starts
-fairseq-train and evaluation processes) stays light.
+torch is imported where it is used: ``bench_bleu.py`` must stay small while it runs its training
+processes, whose peak RSS Linux counts from its own (see ``bench_bleu.run_logged``).
 """
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ ARCHS = {
 
 def model_args(size: str = "small", dropout: float | None = None) -> list[str]:
     """fairseq-train's model flags for ``size`` (a key of ARCHS), as an argument list."""
+    if size not in ARCHS:
+        raise ValueError(f"unknown model size {size!r}; one of {', '.join(ARCHS)}")
     a = ARCHS[size]
     flags = ["--arch", "transformer", "--share-all-embeddings"]
     for name, key in (("layers", "layers"), ("embed-dim", "embed_dim"), ("ffn-embed-dim", "ffn_dim"), ("attention-heads", "heads")):
