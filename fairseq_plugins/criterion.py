@@ -20,11 +20,11 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.dataclass import ChoiceEnum
 
-from soft_beam.losses import BEAM_LOSSES, content_ids, sentence_bleu
-from soft_beam.search import SearchStats, beam_search
+from soft_beam.losses import BEAM_LOSSES, LossOptions, content_ids, sentence_bleu
+from soft_beam.search import SearchConfig, SearchStats, beam_search
 
 from .decoding import FairseqStepModel, unwrap_model, wrapped_in_c10d_ddp
-from .search_options import check_target_dictionary, length_capped, search_config
+from .search_options import check_target_dictionary, length_capped, validated
 
 
 @dataclass
@@ -69,6 +69,13 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
             "over decoding steps: 1e4 to 4e5 per token on a trained model, against about 1 for MLE"
         },
     )
+    risk_sharpness: float = field(
+        default=1.0,
+        metadata={
+            "help": "MRT's alpha (Shen et al. 2016) for --beam-loss risk: the risk's distribution over the n-best "
+            "is softmax(alpha * score), with the scores length-normalised log-probs"
+        },
+    )
     max_len_a: float = field(default=1.2, metadata={"help": "search max length = a * source length + b"})
     max_len_b: int = field(default=10, metadata={"help": "search max length = a * source length + b"})
 
@@ -82,6 +89,7 @@ OPTION_NAMES = {
     "state_grad": "--soft-beam-state-grad",
     "max_len_a": "--max-len-a",
     "max_len_b": "--max-len-b",
+    "risk_sharpness": "--risk-sharpness",
 }
 
 
@@ -92,15 +100,16 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             raise ValueError(f"--mle-weight must be in [0, 1], got {cfg.mle_weight}")
         if not 0.0 < cfg.search_fraction <= 1.0:
             raise ValueError(f"--search-fraction must be in (0, 1], got {cfg.search_fraction}")
-        self.search = search_config(
-            OPTION_NAMES, beam=cfg.soft_beam_size, epsilon=cfg.soft_beam_epsilon, candidates=cfg.soft_beam_candidates,
+        self.search = validated(
+            OPTION_NAMES, SearchConfig, beam=cfg.soft_beam_size, epsilon=cfg.soft_beam_epsilon, candidates=cfg.soft_beam_candidates,
             tol=cfg.soft_beam_tol, state_grad=str(cfg.soft_beam_state_grad), max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
         )  # fmt: skip
         tgt_dict = getattr(task, "target_dictionary", None)
         if tgt_dict is None:
             raise ValueError(f"the soft_beam criterion needs a translation task with a target dictionary, got {type(task).__name__}")
         check_target_dictionary(tgt_dict)
-        self.loss = BEAM_LOSSES[str(cfg.beam_loss)](eos=tgt_dict.eos(), pad=tgt_dict.pad())
+        options = validated(OPTION_NAMES, LossOptions, eos=tgt_dict.eos(), pad=tgt_dict.pad(), risk_sharpness=cfg.risk_sharpness)
+        self.loss = BEAM_LOSSES[str(cfg.beam_loss)](options)
         if self.loss.needs_soft_search and self.search.epsilon == 0:
             raise ValueError(f"--beam-loss {cfg.beam_loss} has no gradient through a hard search: set --soft-beam-epsilon > 0")
         super().__init__(task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size, cfg.report_accuracy)

@@ -1,21 +1,21 @@
-"""The bridge from fairseq's options to ``soft_beam.search.SearchConfig``, the one validator of
-the search's settings: bad values are reported under the option's own name."""
+"""The bridge from fairseq's options to ``soft_beam``'s settings (``SearchConfig``, ``LossOptions``),
+their one validator: bad values are reported under the option's own name."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from soft_beam.search import SearchConfig, SearchConfigError
+from soft_beam.search import SearchConfig, SettingError
 
 from .decoding import unwrap_model
 
 
-def search_config(option_names: dict[str, str], **settings) -> SearchConfig:
-    """SearchConfig(**settings); a bad setting raises ValueError naming its option, from
-    option_names (SearchConfig field -> command-line option)."""
+def validated(option_names: dict[str, str], config_class=SearchConfig, **settings):
+    """config_class(**settings), a SearchConfig or LossOptions; a bad setting raises ValueError
+    naming its option, from option_names (field -> command-line option)."""
     try:
-        return SearchConfig(**settings)
-    except SearchConfigError as e:
+        return config_class(**settings)
+    except SettingError as e:
         raise ValueError(f"{option_names.get(e.setting, e.setting)}: {e}") from None
 
 

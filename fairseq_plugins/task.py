@@ -11,7 +11,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from .generator import SoftBeamGenerator, check_generation_args
-from .search_options import check_target_dictionary, search_config
+from .search_options import check_target_dictionary, validated
 
 # SearchConfig field -> the generation option, for error messages
 OPTION_NAMES = {
@@ -40,7 +40,7 @@ class TranslationSoftBeamTask(TranslationTask):
     cfg: TranslationSoftBeamConfig
 
     def __init__(self, cfg, src_dict, tgt_dict):
-        search_config(OPTION_NAMES, beam=1, epsilon=cfg.soft_beam_gen_epsilon)  # a bad epsilon fails at setup
+        validated(OPTION_NAMES, beam=1, epsilon=cfg.soft_beam_gen_epsilon)  # a bad epsilon fails at setup
         check_target_dictionary(tgt_dict)
         super().__init__(cfg, src_dict, tgt_dict)
 
@@ -49,7 +49,7 @@ class TranslationSoftBeamTask(TranslationTask):
         if prefix_allowed_tokens_fn is not None:
             raise ValueError("the soft-beam generator does not support prefix_allowed_tokens_fn")
         # fairseq's defaults, as its own build_generator reads them; the length cap is the model's
-        cfg = search_config(
+        cfg = validated(
             OPTION_NAMES,
             beam=getattr(args, "beam", 5),
             epsilon=self.cfg.soft_beam_gen_epsilon,

@@ -2,7 +2,7 @@
 
 A loss is a small class with two parts:
 
-- a constructor taking the EOS and pad ids;
+- a constructor taking :class:`LossOptions` (the EOS and pad ids, and each loss's own settings);
 - ``features(target)``: the :class:`~soft_beam.search.TokenFeatures` that the search must
   track along each hypothesis for this loss, or None;
 - ``sentence_loss(hyps, reference)``: the loss of one sentence from its finished hypotheses
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .search import Hypothesis, TokenFeatures
+from .search import Hypothesis, SettingError, TokenFeatures
 
 __all__ = [
     "ReferenceHits",
@@ -25,6 +25,7 @@ __all__ = [
     "expected_risk",
     "RelaxedHamming",
     "ExpectedRisk",
+    "LossOptions",
     "BEAM_LOSSES",
     "content_ids",
     "sentence_bleu",
@@ -60,10 +61,27 @@ def relaxed_hamming(match: torch.Tensor, ref_len: int) -> torch.Tensor:
     return ref_len - match[:n].sum()
 
 
-def expected_risk(scores: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-    """Expected cost under the softmax of the hypotheses' normalised scores (minimum-risk
+def expected_risk(scores: torch.Tensor, costs: torch.Tensor, sharpness: float = 1.0) -> torch.Tensor:
+    """Expected cost under softmax(sharpness * scores) over the hypotheses (minimum-risk
     training, Shen et al. 2016; Edunov et al. 2018). scores, costs: (n,)."""
-    return (torch.softmax(scores, dim=0) * costs).sum()
+    return (torch.softmax(sharpness * scores, dim=0) * costs).sum()
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What the losses are built from; validated here, once."""
+
+    eos: int
+    pad: int
+    # MRT's alpha (Shen et al. 2016): the risk's distribution over the n-best is
+    # softmax(risk_sharpness * score). The scores are length-normalised log-probs (fairseq's
+    # hypothesis scores), so the default 1 is their own softmax; Shen's 5e-3 was for
+    # unnormalised sentence log-probs.
+    risk_sharpness: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.risk_sharpness, (int, float)) and 0 < self.risk_sharpness < float("inf")):
+            raise SettingError("risk_sharpness", f"risk_sharpness must be a finite number > 0, got {self.risk_sharpness!r}")
 
 
 class BeamLoss:
@@ -71,8 +89,9 @@ class BeamLoss:
 
     needs_soft_search = False  # True if its gradient reaches the model only through the soft top-k
 
-    def __init__(self, eos: int, pad: int):
-        self.eos, self.pad = eos, pad
+    def __init__(self, options: LossOptions):
+        self.options = options
+        self.eos, self.pad = options.eos, options.pad
 
     def features(self, target: torch.Tensor) -> TokenFeatures | None:
         """target (B, T): the references, ending with EOS, right-padded. What the search tracks."""
@@ -109,7 +128,7 @@ class ExpectedRisk(BeamLoss):
             scores = scores.float()
         costs = [1.0 - sentence_bleu(content_ids(h.tokens, (self.eos, self.pad)), reference) for h in hyps]
         costs = torch.tensor(costs, dtype=scores.dtype, device=scores.device)  # (n,)
-        return (len(reference) + 1) * expected_risk(scores, costs)
+        return (len(reference) + 1) * expected_risk(scores, costs, self.options.risk_sharpness)
 
 
 def content_ids(tokens: torch.Tensor, special: tuple[int, ...]) -> list[int]:

@@ -34,7 +34,7 @@ from .topk import sorted_soft_topk
 
 __all__ = [
     "SearchConfig",
-    "SearchConfigError",
+    "SettingError",
     "Hypothesis",
     "SearchStats",
     "StepModel",
@@ -85,9 +85,9 @@ class TokenFeatures(Protocol):
         sentences (S,): their indices in the batch. Returns (S, M, size)."""
 
 
-class SearchConfigError(ValueError):
-    """A bad search setting; ``setting`` names the :class:`SearchConfig` field, so that a
-    front end can name its own option for it."""
+class SettingError(ValueError):
+    """A bad setting; ``setting`` names the field (of :class:`SearchConfig` or
+    ``soft_beam.losses.LossOptions``), so that a front end can name its own option for it."""
 
     def __init__(self, setting: str, message: str):
         super().__init__(message)
@@ -123,7 +123,7 @@ class SearchConfig:
     def __post_init__(self):
         for setting, ok, message in self._rules():
             if not ok:
-                raise SearchConfigError(setting, f"{message}, got {getattr(self, setting)!r}")
+                raise SettingError(setting, f"{message}, got {getattr(self, setting)!r}")
 
     def _rules(self):
         def whole(x, low):
@@ -160,7 +160,7 @@ class SearchConfig:
         if self.max_len_cap is not None:
             max_len = min(max_len, self.max_len_cap - 1)
         if self.min_len > max_len:
-            raise SearchConfigError("min_len", f"min_len ({self.min_len}) is larger than max_len ({max_len}); adjust --max-len-a/-b")
+            raise SettingError("min_len", f"min_len ({self.min_len}) is larger than max_len ({max_len}); adjust --max-len-a/-b")
         return max_len
 
 

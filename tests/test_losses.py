@@ -4,7 +4,7 @@ import pytest
 import torch
 from step_models import BOS, EOS, PAD, UNK, RecurrentBigram
 
-from soft_beam.losses import BEAM_LOSSES, ExpectedRisk, ReferenceHits, RelaxedHamming, expected_risk, relaxed_hamming
+from soft_beam.losses import BEAM_LOSSES, ExpectedRisk, LossOptions, ReferenceHits, RelaxedHamming, expected_risk, relaxed_hamming
 from soft_beam.search import Hypothesis, SearchConfig, beam_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,13 +71,13 @@ def test_reference_hits_give_the_hamming_distance_in_a_hard_search():
         h = hyps[s][0]
         hits = sum(int(h.tokens[t] == target[s, t]) for t in range(min(n, len(h.tokens))))
         assert float(relaxed_hamming(h.features[:, 0], n)) == n - hits
-        assert float(RelaxedHamming(EOS, PAD).sentence_loss(hyps[s], target[s, : n - 1].tolist())) == n - hits
+        assert float(RelaxedHamming(LossOptions(EOS, PAD)).sentence_loss(hyps[s], target[s, : n - 1].tolist())) == n - hits
 
 
 def test_relaxed_hamming_gradient_through_the_soft_search_matches_finite_differences():
     params = RecurrentBigram(sentences=3, vocab=V, seed=7, sharpness=2.0)
     target = torch.tensor([[4, 5, 6, EOS], [7, 7, EOS, PAD], [5, 4, 9, EOS]])
-    loss_fn = RelaxedHamming(EOS, PAD)
+    loss_fn = RelaxedHamming(LossOptions(EOS, PAD))
     cfg = config(beam=2, epsilon=0.2, state_grad="full")
 
     def loss():
@@ -114,7 +114,7 @@ def test_expected_risk_is_the_softmax_weighted_cost_scaled_by_the_reference_leng
     torch.testing.assert_close(expected_risk(scores, costs), (p * costs).sum())
     reference = [4, 5, 6]
     hyps = [hyp([4, 5, 6, EOS], -0.1), hyp([9, 9, EOS], -0.5)]  # exact copy: cost 0
-    loss = ExpectedRisk(EOS, PAD).sentence_loss(hyps, reference)
+    loss = ExpectedRisk(LossOptions(EOS, PAD)).sentence_loss(hyps, reference)
     q = torch.softmax(torch.tensor([-0.1, -0.5], dtype=torch.float64), 0)
     torch.testing.assert_close(loss, 4 * q[1] * 1.0)  # (3 + EOS) * P(second) * (1 - BLEU 0)
     loss.backward()
@@ -123,7 +123,7 @@ def test_expected_risk_is_the_softmax_weighted_cost_scaled_by_the_reference_leng
 
 @pytest.mark.parametrize("name", sorted(BEAM_LOSSES))
 def test_every_registered_loss_states_whether_it_needs_a_soft_search(name):
-    loss = BEAM_LOSSES[name](EOS, PAD)
+    loss = BEAM_LOSSES[name](LossOptions(EOS, PAD))
     assert loss.needs_soft_search == (loss.features(torch.zeros(1, 2, dtype=torch.long)) is not None)
 
 
@@ -136,7 +136,7 @@ def test_training_through_the_soft_search_on_the_hamming_loss_cuts_the_hard_sear
     target = torch.randint(4, V, (6, 5), generator=torch.Generator().manual_seed(1))  # (B, T)
     target[:, -1] = EOS
     references = [row[:-1].tolist() for row in target]
-    loss_fn = RelaxedHamming(EOS, PAD)
+    loss_fn = RelaxedHamming(LossOptions(EOS, PAD))
     hard, soft = SearchConfig(beam=3, max_len_b=6), SearchConfig(beam=3, epsilon=0.3, max_len_b=6)
 
     def errors():

@@ -44,14 +44,16 @@ def test_finetune_resume_and_generate(tiny_data_bin, tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_risk_loss_falls_from_scratch(tiny_data_bin, tmp_path):
+@pytest.mark.parametrize("epsilon", ["0.1", "0"])  # 0: classical minimum-risk training over the beam
+def test_risk_loss_falls_from_scratch(tiny_data_bin, tmp_path, epsilon):
     # (The relaxed Hamming loss of the top beam barely moves in 40 updates from scratch, measured
     # 1.329 -> 1.331 bits/token, while MLE drives the total loss; that it learns through the
     # search is tested in test_losses.py, where the hard search's errors must fall.)
     out = run([cli("fairseq-train"), tiny_data_bin, *SOFT_BEAM, "--beam-loss", "risk", "--max-update", "40",
-               "--soft-beam-size", "2", "--soft-beam-epsilon", "0.1", "--no-save", "--save-dir", tmp_path])  # fmt: skip
+               "--soft-beam-size", "2", "--soft-beam-epsilon", epsilon, "--no-save", "--save-dir", tmp_path])  # fmt: skip
     log = train_log(out)
     assert len(log) == 40
+    assert ("solver_iters" in log[0]) == (epsilon != "0")  # the hard search calls no solver
 
     def mean(key, rows):
         return sum(float(r[key]) for r in rows) / len(rows)
@@ -100,6 +102,7 @@ def test_two_process_cpu_distributed_keeps_ranks_equal(tiny_data_bin, tiny_check
         (["--soft-beam-size", "4", "--soft-beam-candidates", "5"], "--soft-beam-candidates: candidates must be at least 2 \\* beam = 8"),
         (["--soft-beam-tol", "0"], "--soft-beam-tol: tol must be a number > 0"),
         (["--max-len-a", "-1"], "--max-len-a: max_len_a must be a finite number >= 0"),
+        (["--beam-loss", "risk", "--risk-sharpness", "0"], "--risk-sharpness: risk_sharpness must be a finite number > 0"),
         (["--mle-weight", "1.5"], "--mle-weight must be in \\[0, 1\\]"),
         (["--search-fraction", "0"], "--search-fraction must be in \\(0, 1\\]"),
         (["--search-fraction", "1.5"], "--search-fraction must be in \\(0, 1\\]"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from step_models import BOS, EOS, PAD, UNK, RecurrentBigram
 
-from soft_beam.search import SearchConfig, SearchConfigError, SearchStats, beam_search, candidate_scores
+from soft_beam.search import SearchConfig, SearchStats, SettingError, beam_search, candidate_scores
 
 CPU = torch.device("cpu")
 
@@ -346,7 +346,7 @@ def test_gradient_through_the_search_matches_central_differences(epsilon):
     ],
 )
 def test_search_config_rejects_bad_values(kwargs, message):
-    with pytest.raises(SearchConfigError, match=message) as error:
+    with pytest.raises(SettingError, match=message) as error:
         SearchConfig(**kwargs)
     assert isinstance(error.value, ValueError) and error.value.setting == next(k for k in kwargs if k != "beam" or len(kwargs) == 1)
 

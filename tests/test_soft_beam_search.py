@@ -37,6 +37,17 @@ def test_hard_mode_generator_is_token_identical_to_fairseq(tiny_data_bin, tiny_c
     assert compared == 45  # not a multiple of 8: the last partial batch is decoded too
 
 
+def float64_model(model, request, monkeypatch):
+    """The model in float64, with fairseq's float32-casting softmaxes replaced, for tests that
+    compare gradients to float64 precision."""
+    model.double()
+    monkeypatch.setattr(fairseq.utils, "log_softmax", lambda x, dim, onnx_trace=False: torch.log_softmax(x, dim))
+    monkeypatch.setattr(fairseq.utils, "softmax", lambda x, dim, onnx_trace=False: torch.softmax(x, dim))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    request.addfinalizer(lambda: torch.set_default_dtype(previous))
+
+
 @pytest.mark.parametrize("beam_loss", ["hamming", "risk"])
 def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, tiny_checkpoint, beam_loss, request, monkeypatch):
     args = ["--beam-loss", beam_loss, "--mle-weight", "0", "--soft-beam-size", "3",
@@ -46,13 +57,8 @@ def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, 
     sample = batches(task, "valid", max_sentences=6)[0]
     net_input = sample["net_input"]
     # float64 throughout: in float32 the central difference is at the loss's rounding level and
-    # its result changed with the thread count. fairseq's softmax and log_softmax cast to float32.
-    model.double()
-    monkeypatch.setattr(fairseq.utils, "log_softmax", lambda x, dim, onnx_trace=False: torch.log_softmax(x, dim))
-    monkeypatch.setattr(fairseq.utils, "softmax", lambda x, dim, onnx_trace=False: torch.softmax(x, dim))
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    request.addfinalizer(lambda: torch.set_default_dtype(previous))
+    # its result changed with the thread count.
+    float64_model(model, request, monkeypatch)
 
     def loss():
         enc = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
@@ -80,6 +86,65 @@ def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, 
         numeric = (up - down) / (2 * h)
         assert abs(analytic) > 1e-4, name
         assert abs(numeric - analytic) <= 1e-5 * abs(analytic), (name, numeric, analytic)
+
+
+def test_mrt_at_epsilon_zero_is_the_risk_of_the_teacher_forced_n_best(tiny_data_bin, tiny_checkpoint, request, monkeypatch):
+    """--soft-beam-epsilon 0 --beam-loss risk is classical minimum-risk training: its gradient
+    equals that of the same risk computed by scoring each n-best hypothesis with an ordinary
+    teacher-forced forward pass (Shen et al. 2016; Edunov et al. 2018)."""
+    from soft_beam.losses import content_ids, expected_risk, sentence_bleu
+
+    args = ["--beam-loss", "risk", "--mle-weight", "0", "--soft-beam-size", "3", "--soft-beam-epsilon", "0", "--risk-sharpness", "2"]
+    cfg, task, model = load_task_model(tiny_data_bin, tiny_checkpoint, *args, split="valid")
+    criterion = task.build_criterion(cfg)
+    sample = batches(task, "valid", max_sentences=5)[0]
+    net_input = sample["net_input"]
+    float64_model(model, request, monkeypatch)
+    encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+    model.zero_grad()
+    criterion.search_loss(model, sample, encoder_out)[0].backward()
+    searched = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    # the same n-best, from the search's output, then scored again by teacher forcing
+    d = task.target_dictionary
+    special = (d.eos(), d.pad())
+    hyps = _n_best(criterion, model, sample)
+    model.zero_grad()
+    total = 0
+    for s, sentence in enumerate(hyps):
+        reference = content_ids(sample["target"][s], special)
+        scores = torch.stack([_teacher_forced_score(model, net_input, s, h) for h in sentence])  # (n,)
+        costs = torch.tensor([1 - sentence_bleu(content_ids(h, special), reference) for h in sentence])
+        total = total + (len(reference) + 1) * expected_risk(scores, costs, sharpness=2.0)
+    total.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(searched[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert max(float(g.abs().max()) for g in searched.values()) > 1e-3  # the risk does reach the model
+
+
+def _n_best(criterion, model, sample):
+    """Each sentence's hypotheses (token tensors ending with EOS) from the criterion's search."""
+    from fairseq_plugins.decoding import FairseqStepModel
+    from fairseq_plugins.search_options import length_capped
+    from soft_beam.search import beam_search
+
+    d = criterion.task.target_dictionary
+    src = sample["net_input"]["src_tokens"]
+    with torch.no_grad():
+        finalized = beam_search(FairseqStepModel(model, sample["net_input"], criterion.search.beam), src.shape[0], src.shape[1],
+                                length_capped(criterion.search, model), bos=d.eos(), eos=d.eos(), pad=d.pad(), unk=d.unk(),
+                                device=src.device)  # fmt: skip
+    return [[h.tokens for h in sentence] for sentence in finalized]
+
+
+def _teacher_forced_score(model, net_input, s, tokens):
+    """Sum of the hypothesis's token log-probs under an ordinary forward pass, / its length."""
+    eos = model.decoder.dictionary.eos()
+    src = net_input["src_tokens"][s : s + 1]  # (1, S)
+    prev = torch.cat([tokens.new_tensor([eos]), tokens[:-1]]).unsqueeze(0)  # (1, L)
+    logits, extra = model(src, net_input["src_lengths"][s : s + 1], prev)
+    lprobs = model.get_normalized_probs((logits, extra), log_probs=True)[0]  # (L, V)
+    return lprobs.gather(1, tokens.unsqueeze(1)).sum() / len(tokens)
 
 
 def test_values_state_grad_keeps_the_forward_and_still_reaches_the_model(tiny_data_bin, tiny_checkpoint):
