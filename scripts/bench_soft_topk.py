@@ -53,8 +53,8 @@ from bench_common import SavedBytes, machine_description, sync
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soft_beam import sorted_soft_topk  # noqa: E402
-from soft_beam.ot import _col_bias, _plan, sinkhorn_potentials  # noqa: E402
-from soft_beam.topk import _normalised_cost, _rank_anchors, _rank_masses  # noqa: E402
+from soft_beam.ot import plan_from_potentials, sinkhorn_potentials  # noqa: E402
+from soft_beam.topk import build_problem  # noqa: E402
 
 BATCH = 64
 REF_ITERS = 200  # the iteration count of the paper's reference code (TopK_custom max_iter)
@@ -65,13 +65,9 @@ REF_ITERS = 200  # the iteration count of the paper's reference code (TopK_custo
 
 def problem(x, k):
     """Exactly the sorted op's per-row problem: C (B, n, m), mu (B, n), nu (B, m), cnt (B, 1)."""
-    anchors = _rank_anchors(k).to(device=x.device, dtype=x.dtype)
-    C, _, finite, count = _normalised_cost(x, anchors)
-    C = C.contiguous()  # (B, n, m) in memory too, the layout of the reference code
-    cnt = count.to(x.dtype).unsqueeze(-1)
-    mu = finite.to(x.dtype) / cnt
-    nu = _rank_masses(k, cnt)
-    return C, mu, nu, cnt
+    p = build_problem(x, k, "sorted", warm_start=False)
+    C = p.C.contiguous()  # (B, n, m) in memory too, the layout of the reference code
+    return C, p.mu, p.nu, p.count
 
 
 @torch.no_grad()
@@ -183,7 +179,7 @@ def m_unrolled(x, k, eps, grad, n_iter=REF_ITERS):
     xl = x.detach().requires_grad_()
     C, mu, nu, cnt = problem(xl, k)
     g = sinkhorn_potentials(C, mu, nu, eps, n_iter)
-    P, _ = _plan(g, C, mu, eps, _col_bias(nu > 0, C.dtype))
+    P, _ = plan_from_potentials(g, C, mu, nu, eps)
     out = (P * cnt.unsqueeze(-1))[..., :k]
     out.backward(grad)
     return P.detach(), {"mu": mu, "nu": nu, "out": out, "xgrad": xl.grad}

@@ -1,10 +1,11 @@
 """soft_beam: differentiable (SOFT) top-k by entropic optimal transport, in pure torch.
 
-Imports only torch. See :func:`soft_topk` and :func:`sorted_soft_topk`.
+Imports only torch. See :func:`soft_topk` and :func:`sorted_soft_topk`; :func:`build_problem`
+gives the transport problem they solve, and :mod:`soft_beam.ot` the solver.
 """
 
 from .ot import SolverInfo
-from .topk import soft_topk, sorted_soft_topk
+from .topk import TopKProblem, build_problem, soft_topk, sorted_soft_topk
 
-__all__ = ["SolverInfo", "soft_topk", "sorted_soft_topk"]
+__all__ = ["SolverInfo", "TopKProblem", "build_problem", "soft_topk", "sorted_soft_topk"]
 __version__ = "0.1.0"

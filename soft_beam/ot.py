@@ -16,6 +16,14 @@ whose gradient is nu - P^T 1 and whose negative Hessian is L / eps with
 an (m x m) graph Laplacian (rows sum to 0; D is invariant to g + c). We fix the gauge at each
 row's heaviest anchor (g = 0 there). The same small system gives the implicit backward.
 
+Solve and gradient are separate, as in OTT-JAX: ``solve_transport`` runs under no_grad and returns
+a ``TransportSolution``; ``entropic_transport`` attaches the implicit backward to its plan.
+
+Rows are independent: every decision of the solver (converged, stalled, guarded step, undo, the
+fallbacks) is taken per row, a row that has stopped keeps the values it stopped with, and the
+fallbacks rerun only the rows that need them. So a row's result does not depend on the rows that
+share its batch.
+
 Layout: the entry points take and return (B, n, m), but the solver works on the transposes,
 (B, m, n), so that the softmax and log-sum-exp over the few anchors vectorise along the n sources.
 Over a last dimension of size 5 torch's CPU softmax is 7x to 24x slower (measured: 143 vs 6 us
@@ -24,26 +32,50 @@ at 64 x 32 x 5, 222 vs 32 ms at 64 x 40000 x 5).
 
 from __future__ import annotations
 
+import array
+import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SolverInfo", "entropic_transport", "sinkhorn_potentials", "semidual_objective"]
+__all__ = [
+    "SolverInfo",
+    "TransportSolution",
+    "default_tolerance",
+    "entropic_transport",
+    "plan_from_potentials",
+    "semidual_objective",
+    "sinkhorn_potentials",
+    "solve_transport",
+]
+
+_STEPS = (1.0, 0.25)  # the Newton step fractions a guarded iteration tries (besides a Sinkhorn step)
+_WARM_BUDGET = 20  # measured: 3-6 iterations from a good g0 (batch 64, eps 0.1 to 0.001)
+# From g0 a row's first step goes unguarded if its starting marginal error is at most this. Measured
+# (batch 64): 0.15 to 10 at eps 0.01 and 0.001, where full steps converge in 2 to 5; 47 to 5e3 at
+# eps 0.1 with n >= 200, where the guard's Sinkhorn steps saved 2 to 8 iterations.
+_TRUST_BELOW = 10.0
+_SINKHORN_CHUNK = 10  # Sinkhorn iterations between two convergence checks of the fallback
 
 
 @dataclass(frozen=True)
 class SolverInfo:
-    """What a solve reached. ``marginal_error`` is max over rows and anchors of |P^T 1 / nu - 1|.
-    ``method``: "newton" (from the starting point, or from 0 when none was given), then
-    "+continuation" if the start failed and the eps-continuation ran, "+sinkhorn" if the
-    Sinkhorn fallback ran."""
+    """What a solve reached. Over the batch: ``iterations`` is the most that any row took,
+    ``marginal_error`` the max over rows and anchors of |P^T 1 / nu - 1|, ``converged`` whether
+    every row reached tol, ``method`` the furthest any row went: "newton" (from the starting
+    point, or from 0 when none was given), then "+continuation" if the start failed and the
+    eps-continuation ran, "+sinkhorn" if the Sinkhorn fallback ran. The ``row_`` fields hold
+    the same per row (tuples of length B)."""
 
     iterations: int
     marginal_error: float
     converged: bool
     method: str
+    row_iterations: tuple[int, ...] = field(default=(), repr=False)
+    row_marginal_error: tuple[float, ...] = field(default=(), repr=False)
+    row_method: tuple[str, ...] = field(default=(), repr=False)
 
     def __str__(self) -> str:
         state = "converged" if self.converged else "NOT converged"
@@ -84,20 +116,36 @@ def _objective_and_plan(g, neg, mu, nu, eps, floor, value=True):
 
 def _plan_from(g, neg, mu, eps, floor):
     """(P, Q), both (B, m, n): the plan and its column-normalised form Q = P / mu.
-    Out of place, so that autograd can go through it (the unrolled solver of the tests)."""
+    Out of place, so that autograd can go through it (the unrolled solver of the tests). The
+    same operations as ``_objective_and_plan``, not torch.softmax: a row that the solver stops
+    keeps its potentials while others iterate, and its plan, evaluated again by the other
+    function, must come out the same to the last bit."""
     logits = neg + (g / eps).unsqueeze(-1)  # (B, m, n)
     shifted = logits - logits.detach().amax(1, keepdim=True)  # (B, m, n); softmax is shift-invariant
-    Q = torch.softmax(torch.maximum(shifted, floor), dim=1)  # (B, m, n)
+    Q = torch.maximum(shifted, floor).exp()  # (B, m, n)
+    Q = Q / Q.sum(1, keepdim=True)
     return mu.unsqueeze(1) * Q, Q
 
 
-def semidual_objective(g, C, mu, nu, eps, col_bias):
-    """D(g) per row, shape (B,), for C (B, n, m). Masked sources have mu = 0 and drop out."""
+def _col_bias(active: torch.Tensor, dtype) -> torch.Tensor:
+    """0 on active anchors, -inf on inactive ones: (B, m, 1), to add to (B, m, n) logits."""
+    zero = torch.zeros((), dtype=dtype, device=active.device)
+    return torch.where(active, zero, torch.full_like(zero, -math.inf)).unsqueeze(-1)
+
+
+def semidual_objective(g, C, mu, nu, eps):
+    """D(g) per row, shape (B,), for potentials g (B, m), cost C (B, n, m), masses mu (B, n) and
+    nu (B, m). Masked sources (mu = 0) and inactive anchors (nu = 0) drop out."""
+    col_bias = _col_bias(nu > 0, C.dtype)  # (B, m, 1)
     return _objective_and_plan(g, _neg_cost(C.transpose(1, 2), eps, col_bias), mu, nu, eps, _floor(col_bias))[0]
 
 
-def _plan(g, C, mu, eps, col_bias):
-    """For C (B, n, m): the plan P (B, n, m) and its row-normalised form Q = P / mu."""
+def plan_from_potentials(g, C, mu, nu, eps):
+    """The plan of anchor potentials g (B, m) for cost C (B, n, m) and masses mu (B, n), nu (B, m):
+    P (B, n, m), with P 1 = mu, and its row-normalised form Q = P / mu (B, n, m). Differentiable
+    in g and C (plain torch ops). As eps -> 0 each row of Q tends to the one-hot of the anchor
+    that minimises C_ij - g_j."""
+    col_bias = _col_bias(nu > 0, C.dtype)  # (B, m, 1)
     P, Q = _plan_from(g, _neg_cost(C.transpose(1, 2), eps, col_bias), mu, eps, _floor(col_bias))
     return P.transpose(1, 2), Q.transpose(1, 2)
 
@@ -156,12 +204,6 @@ class _GroundedLaplacian:
         return z.squeeze(-1)
 
 
-def _col_bias(active: torch.Tensor, dtype) -> torch.Tensor:
-    """0 on active anchors, -inf on inactive ones: (B, m, 1), to add to (B, m, n) logits."""
-    zero = torch.zeros((), dtype=dtype, device=active.device)
-    return torch.where(active, zero, torch.full_like(zero, -math.inf)).unsqueeze(-1)
-
-
 def _sinkhorn(Ct, mu, nu, eps, n_iter, g=None):
     """Log-domain Sinkhorn on Ct (B, m, n); see ``sinkhorn_potentials``."""
     active = nu > 0
@@ -189,167 +231,428 @@ def sinkhorn_potentials(C, mu, nu, eps, n_iter, g=None):
     return _sinkhorn(C.transpose(1, 2), mu, nu, eps, n_iter, g)
 
 
+# --------------------------------------------------------------------------- the solver
+
+
+class _Problem:
+    """The fixed tensors of a solve, for its rows: the whole batch, or the rows a fallback reruns.
+    Ct (B, m, n), the cost transposed; mu (B, n); nu (B, m). What only guarded iterations use is
+    formed on first use (at beam-search sizes each op costs about 5 us)."""
+
+    def __init__(self, Ct: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor):
+        self.Ct, self.mu, self.nu = Ct, mu, nu
+        self.mu_col = mu.unsqueeze(1)  # (B, 1, n)
+        self.active = nu > 0  # (B, m)
+        self.ground = _ground(nu)  # (B, m)
+        self.col_bias = _col_bias(self.active, Ct.dtype)  # (B, m, 1)
+        self.floor = _floor(self.col_bias)  # (B, m, 1)
+        self.inv_nu = torch.where(self.active, 1 / nu, torch.zeros_like(nu))  # (B, m)
+        self.lap = _GroundedLaplacian(self.active, self.ground, Ct.dtype)
+        finfo = torch.finfo(Ct.dtype)
+        # Values of D closer than this are rounding noise; then the full Newton step is preferred.
+        self.noise, self.tiny = 64 * finfo.eps, finfo.tiny
+
+    @functools.cached_property
+    def log_nu(self) -> torch.Tensor:
+        return torch.where(self.active, self.nu, torch.ones_like(self.nu)).log()  # (B, m), 0 on inactive anchors
+
+    @functools.cached_property
+    def active_f(self) -> torch.Tensor:
+        return self.active.to(self.Ct.dtype)  # (B, m)
+
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        return torch.arange(len(self), device=self.nu.device)  # (B,)
+
+    @functools.cached_property
+    def steps(self) -> torch.Tensor:
+        return torch.tensor(_STEPS, dtype=self.Ct.dtype, device=self.Ct.device).view(-1, 1, 1)  # (S - 1, 1, 1)
+
+    def __len__(self) -> int:
+        return self.nu.shape[0]
+
+    def subset(self, rows: list[int]) -> _Problem:
+        if len(rows) == len(self):
+            return self
+        idx = _index(rows, self.nu.device)
+        return _Problem(self.Ct.index_select(0, idx), self.mu.index_select(0, idx), self.nu.index_select(0, idx))
+
+    def errors(self, grad: torch.Tensor) -> torch.Tensor:
+        """(B,): max over active anchors of |b / nu - 1| for grad = nu - b, b = P^T 1 (B, m)."""
+        return grad.abs().mul_(self.inv_nu).amax(-1)
+
+
 class _Stall:
-    """True once a small marginal error has stopped falling: about 6 iterations without halving,
-    while under 1e4 machine epsilons (1e-3 in float32). That close, Newton converges
+    """Per row, True once a small marginal error has stopped falling: about 6 iterations without
+    halving, while under 1e4 machine epsilons (1e-3 in float32). That close, Newton converges
     quadratically, so this is rounding noise: a tolerance under the dtype's floor (float32 sums
     n terms) is not reached, however long one iterates."""
 
-    def __init__(self, check_every: int, dtype: torch.dtype):
-        self.best, self.count = math.inf, 0
+    def __init__(self, rows: int, check_every: int, dtype: torch.dtype):
+        self.best, self.count = [math.inf] * rows, [0] * rows
         self.checks = max(3, -(-6 // check_every))
         self.below = 1e4 * torch.finfo(dtype).eps
 
-    def __call__(self, err: float) -> bool:
-        if err < 0.5 * self.best:
-            self.best, self.count = err, 0
+    def __call__(self, row: int, err: float) -> bool:
+        if err < 0.5 * self.best[row]:
+            self.best[row], self.count[row] = err, 0
         elif err < self.below:
-            self.count += 1
-        return self.count >= self.checks
+            self.count[row] += 1
+        return self.count[row] >= self.checks
 
 
-@torch.no_grad()
-def _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0=None):
-    """Newton's method on the semi-dual with eps-continuation and a safeguarded step.
+def _index(rows: list[int], device) -> torch.Tensor:
+    """(r,) int64 on device, for 0 < r. (From a buffer: torch.tensor on a list of 20 to 64 ints
+    costs 5 to 11 us, 1 us this way.)"""
+    return torch.frombuffer(array.array("q", rows), dtype=torch.int64).to(device)
 
-    Ct: (B, m, n), the cost transposed. g0: (B, m) or None, a starting point near the optimum
-    (see ``soft_beam.topk``: the potentials of the hard monotone plan). From g0 Newton runs at the
-    target eps directly; if that fails within ``warm_budget`` iterations, or without g0, it runs
-    the eps-continuation from g = 0. A guarded iteration evaluates D at the full and a quarter
-    Newton step and at one Sinkhorn step and keeps the best. The Sinkhorn step always ascends, so
-    the solver never does worse than Sinkhorn; the full Newton step converges quadratically once
-    near the optimum. Once every row has taken the full step, the iterations go unguarded (one
-    evaluation instead of three) while the marginal error does not jump.
-    Returns g (B, m), its plan P and Q (B, m, n) at eps, SolverInfo, and the grounded Laplacian's
-    masks for the backward.
+
+def _mask(flags, device) -> torch.Tensor:
+    """(B,) bool on device from B > 0 flags (bools, or 0/1 bytes), copied from a buffer as in
+    ``_index``."""
+    return torch.frombuffer(bytearray(flags), dtype=torch.bool).to(device)
+
+
+class _RowControl:
+    """The per-row decisions of one Newton stage, taken on the host from one read per check.
+
+    Lists, not tensors: the decisions need the errors on the host anyway (to stop), and a pass
+    over 64 rows costs about 10 us there, as much as four small torch ops.
     """
-    active = nu > 0
-    ground = _ground(nu)
-    col_bias = _col_bias(active, Ct.dtype)
-    floor = _floor(col_bias)
-    log_nu = torch.where(active, nu, torch.ones_like(nu)).log()
-    # Values of D closer than this are rounding noise; then the full Newton step is preferred.
-    noise = 64 * torch.finfo(Ct.dtype).eps
-    # Continuation: solve loosely at eps0 = 1, 0.1, ... before the target eps. Entering a
-    # sharper problem from far away, the Hessian is exponentially small and Newton stalls; from
-    # the previous stage's optimum it is O(10 eps) away, which Newton covers in a few steps.
-    stages = []
-    e = 1.0
+
+    def __init__(self, rows: int, target: float, budget: int, trust_below: float, check_every: int, dtype):
+        self.open = list(range(rows))  # rows still iterating
+        self.stopped = bytearray(rows)  # 0/1 per row, ready for a mask
+        self.guarded = [True] * rows
+        self.changed, self.masks = True, (True, None, None)
+        self.last_err = [math.inf] * rows  # the error at the row's last accepted check
+        self.stall = _Stall(rows, check_every, dtype)
+        self.err, self.stalled, self.iters = [math.inf] * rows, [False] * rows, [0] * rows
+        self.target, self.budget, self.trust_below = target, budget, trust_below
+
+    def check(self, n: int, errs: list[float], fulls: list[float] | None):
+        """At the check after n iterations of the stage, with each row's marginal error ``errs``
+        and, if the last iteration was guarded, the candidate it took ``fulls`` (0: the full
+        step). Returns the rows whose unguarded step is undone (their error more than doubled;
+        they go back to their last check, guarded) and the rows that stop."""
+        guarded, last, best, count = self.guarded, self.last_err, self.stall.best, self.stall.count
+        below, checks, target, at_budget = self.stall.below, self.stall.checks, self.target, n >= self.budget
+        trust = self.trust_below if n == 0 else -math.inf  # (n == 0: the row's first check)
+        undo, stop, still, changed = [], [], [], False
+        add_stop, add_still = stop.append, still.append
+        for r in self.open:  # the hot loop: _Stall's rule is inlined
+            e = errs[r]
+            if not guarded[r] and not e <= 2 * last[r]:
+                guarded[r] = changed = True
+                undo.append(r)
+                add_still(r)
+                continue
+            if e < 0.5 * best[r]:
+                best[r], count[r] = e, 0
+            elif e < below:
+                count[r] += 1
+            if e <= target or at_budget or count[r] >= checks:
+                add_stop(r)
+                continue
+            # Full steps from here on: the last guarded step was the full one, or a start this close.
+            if guarded[r] and ((fulls[r] == 0) if fulls is not None else e <= trust):
+                guarded[r], changed = False, True
+            last[r] = e
+            add_still(r)
+        for r in stop:
+            self.err[r], self.stalled[r], self.iters[r] = errs[r], count[r] >= checks, n
+            self.stopped[r] = 1
+        self.open, self.changed = still, self.changed or changed or bool(stop)
+        return undo, stop
+
+    def step_masks(self, device):
+        """How the next steps treat each row: (guarded, full_rows, frozen). guarded False: no
+        open row is guarded, only the full step is evaluated. full_rows (B,) bool or None (all
+        guarded): the rows that take the full step in a guarded iteration, the unguarded and
+        the stopped ones. frozen (B, 1) bool or None: the stopped rows, whose step is 0, so that
+        their g, and with it their P and Q, stay as they were when they stopped."""
+        if self.changed:  # rebuilt only after a check changed a row's treatment
+            stopped, guarded, rows = self.stopped, self.guarded, len(self.stopped)
+            n_guarded = sum(map(guarded.__getitem__, self.open))
+            frozen = _mask(stopped, device).view(rows, 1) if len(self.open) < rows else None
+            full_rows = None
+            if 0 < n_guarded < rows:
+                full_rows = _mask([s or not g for s, g in zip(stopped, guarded)], device)
+            self.masks, self.changed = (n_guarded > 0, full_rows, frozen), False
+        return self.masks
+
+
+def _read_errors(prob: _Problem, grad: torch.Tensor, taken: torch.Tensor | None):
+    """The check's host read: each row's marginal error and, after a guarded step, the candidate
+    it took (as lists). One read off an accelerator; on CPU two reads cost less than packing."""
+    err = prob.errors(grad)  # (B,)
+    if taken is None:
+        return err.tolist(), None
+    if err.device.type == "cpu":
+        return err.tolist(), taken.tolist()
+    both = torch.cat((err, taken.to(err.dtype))).tolist()
+    return both[: len(prob)], both[len(prob) :]
+
+
+def _restore(rows: list[int], last: tuple, now: tuple) -> tuple:
+    """``now`` with the given rows put back to ``last``: tuples of (B, ...) tensors."""
+    mask = torch.zeros(now[0].shape[0], dtype=torch.bool, device=now[0].device)  # (B,)
+    mask[rows] = True
+    return tuple(torch.where(mask.view(-1, *[1] * (new.dim() - 1)), old, new) for old, new in zip(last, now))
+
+
+def _newton_step(prob: _Problem, g, e, neg, P, Q, b, grad, guarded=True, full_rows=None, frozen=None):
+    """One Newton step from g (B, m), whose plan is P, Q (B, m, n) with b = P^T 1 and the
+    semi-dual's gradient grad = nu - b (B, m), 0 on inactive anchors (nu = 0, Q = 0).
+
+    Unguarded (near the optimum, where the guard keeps the full step anyway) only the full step
+    is evaluated. ``guarded``: a row evaluates D at the full and a quarter Newton step and at one
+    Sinkhorn step and keeps the best; the Sinkhorn step always ascends, so the solver never does
+    worse than Sinkhorn. full_rows (B,) bool, optional: rows that take the full step all the same
+    (unguarded rows in a guarded iteration). frozen (B, 1) bool, optional: rows whose step is 0.
+    Returns the new g (B, m), Q (B, m, n) and, guarded, the candidate each row took (B,), 0 for
+    the full step.
+    """
+    # Newton: (L / e) delta = grad  ->  delta = e * L^{-1} grad
+    delta = e * prob.lap.solve(P, Q, grad, b)  # (B, m)
+    if frozen is not None:
+        delta = delta.masked_fill_(frozen, 0.0)
+    if not guarded:
+        g = g + delta
+        return g, _objective_and_plan(g, neg, prob.mu, prob.nu, e, prob.floor, value=False)[1], None
+    # The Sinkhorn step e * log(nu / b), 0 on inactive anchors (b = 0 there: log(tiny), masked).
+    sink = (prob.log_nu - b.clamp_min(prob.tiny).log()).mul_(prob.active_f).mul_(e)  # (B, m)
+    # (broadcast and concatenated, not stacked from a list: at beam-search sizes each op is ~5 us)
+    candidates = torch.cat([g + prob.steps * delta, _regauge(g + sink, prob.ground).unsqueeze(0)])  # (S, B, m)
+    values, Qs = _objective_and_plan(candidates, neg, prob.mu, prob.nu, e, prob.floor)  # (S, B), (S, B, m, n)
+    values = values.nan_to_num_(nan=-math.inf, posinf=-math.inf)
+    full = values[0]  # (B,), a view
+    # (0 where full is -inf: -inf + noise * inf would be NaN, which argmax takes as the maximum)
+    full.add_(full.abs().add_(1).mul_(prob.noise).nan_to_num_(nan=0.0, posinf=0.0))
+    taken = values.argmax(0)  # (B,)
+    if full_rows is not None:
+        taken = taken.masked_fill_(full_rows, 0)
+    pick = taken * len(prob) + prob.rows  # (B,): row b of candidate taken[b], in the flattened (S B)
+    S, B, m = candidates.shape
+    return candidates.view(S * B, m).index_select(0, pick), Qs.view(S * B, *Qs.shape[2:]).index_select(0, pick), taken
+
+
+def _newton_stage(prob: _Problem, e, target, g, budget, check_every, trust_below):
+    """Newton at one eps from g (B, m); each row iterates until its marginal error is at most
+    ``target``, it stalls, or the stage has run ``budget`` iterations, and then keeps its values.
+
+    A row's steps are guarded until one where it took the full step, then unguarded (one plan
+    evaluated per iteration instead of three); an unguarded step that more than doubles its
+    marginal error is undone and the guard comes back. A row whose starting error is at most
+    ``trust_below`` goes unguarded from the first step. Returns g (B, m), P, Q (B, m, n) at e,
+    and the _RowControl with each row's error, stall and iterations.
+
+    A stopped row rides along with a zero step: its g stays as it was, and its P and Q, formed
+    again from g by the same operations, too. Cheaper than copying stopped rows out and back
+    (two index ops per tensor and stop, at about 3 us each at beam-search sizes).
+    """
+    neg = _neg_cost(prob.Ct, e, prob.col_bias)  # (B, m, n)
+    P, Q = _plan_from(g, neg, prob.mu, e, prob.floor)  # (B, m, n)
+    ctl = _RowControl(len(prob), target, budget, trust_below, check_every, prob.Ct.dtype)
+    last, taken, masks, n = None, None, (True, None, None), 0
+    while True:
+        b = P.sum(-1)  # (B, m)
+        grad = prob.nu - b  # (B, m)
+        if n % check_every == 0:
+            undo, _ = ctl.check(n, *_read_errors(prob, grad, taken))
+            if undo:
+                g, P, Q, b, grad = _restore(undo, last, (g, P, Q, b, grad))
+            if not ctl.open:
+                break
+            last, masks = (g, P, Q, b, grad), ctl.step_masks(g.device)
+        g, Q, taken = _newton_step(prob, g, e, neg, P, Q, b, grad, *masks)
+        P = prob.mu_col * Q
+        n += 1
+    return (g, P, Q), ctl
+
+
+def _continuation_stages(eps: float, tol: float) -> list[tuple[float, float]]:
+    """(eps, target) stages: loosely at eps0 = 1, 0.1, ... before the target eps. Entering a
+    sharper problem from far away, the Hessian is exponentially small and Newton stalls; from
+    the previous stage's optimum it is O(10 eps) away, which Newton covers in a few steps."""
+    stages, e = [], 1.0
     while e > eps * 1.0001:
         stages.append((e, max(tol, 1e-2)))
         e *= 0.1
-    stages.append((eps, tol))
-    steps = (1.0, 0.25)
-    warm_budget = 20  # measured: 3-6 iterations from a good g0 (batch 64, eps 0.1 to 0.001)
-    # From g0 the first step goes unguarded if the starting marginal error is at most 10. Measured
-    # (batch 64): 0.15 to 10 at eps 0.01 and 0.001, where full steps converge in 2 to 5; 47 to
-    # 5e3 at eps 0.1 with n >= 200, where the guard's Sinkhorn steps saved 2 to 8 iterations.
+    return stages + [(eps, tol)]
 
-    lap = _GroundedLaplacian(active, ground, Ct.dtype)
-    rows = torch.arange(nu.shape[0], device=nu.device)  # (B,)
-    inv_nu = torch.where(active, 1 / nu, torch.zeros_like(nu))  # (B, m)
 
-    def marginal_error(grad):
-        """max over rows and active anchors of |b / nu - 1| for grad = nu - b, b = P^T 1 (B, m)."""
-        return grad.abs().mul_(inv_nu).max().item() if grad.numel() else 0.0
+def _newton(prob: _Problem, stages, g, budget: int, check_every: int, trust_below: float = -math.inf):
+    """Newton over the stages from g (B, m); each stage starts every row. Returns g (B, m), P, Q
+    (B, m, n) at the last stage's eps and, per row, the last stage's error and stall and the
+    iterations of all stages."""
+    iters = [0] * len(prob)
+    for e, target in stages:
+        (g, P, Q), ctl = _newton_stage(prob, e, target, g, budget, check_every, trust_below)
+        iters = [a + b for a, b in zip(iters, ctl.iters)]
+    return g, P, Q, ctl.err, ctl.stalled, iters
 
-    def newton_iteration(g, e, neg, P, Q, b, grad, guarded):
-        """One step from g, whose plan is P, Q (B, m, n) with b = P^T 1 (B, m) and the semi-dual's
-        gradient grad = nu - b (B, m), 0 on inactive anchors (nu = 0, Q = 0). Returns the new g
-        and Q and, guarded, a bool tensor: did every row take the full Newton step. Unguarded
-        (near the optimum, where the guard keeps the full step anyway) only the full step is
-        evaluated."""
-        # Newton: (L / e) delta = grad  ->  delta = e * L^{-1} grad
-        delta = e * lap.solve(P, Q, grad, b)  # (B, m)
-        if not guarded:
-            g = g + delta
-            return g, _objective_and_plan(g, neg, mu, nu, e, floor, value=False)[1], None
-        log_b = torch.where(active, b, torch.ones_like(b)).clamp_min(torch.finfo(b.dtype).tiny).log()
-        sink = torch.where(active, e * (log_nu - log_b), torch.zeros_like(b))
-        candidates = torch.stack([g + a * delta for a in steps] + [_regauge(g + sink, ground)])  # (S, B, m)
-        values, Qs = _objective_and_plan(candidates, neg, mu, nu, e, floor)  # (S, B), (S, B, m, n): the next plan
-        values = torch.nan_to_num(values, nan=-math.inf, posinf=-math.inf)
-        full = values[0]
-        # (only where finite: -inf + noise * inf would be NaN, which argmax takes as the maximum)
-        values[0] = torch.where(torch.isfinite(full), full + noise * (1 + full.abs()), full)
-        best = values.argmax(0)  # (B,)
-        return candidates[best, rows], Qs[best, rows], (best == 0).all()  # (B, m), (B, m, n)
 
-    def run(stages, g, budget, trust_below=-math.inf):
-        """Newton over the stages from g; returns g, its plan P and Q (B, m, n) at the last
-        stage's eps, iterations, final marginal error, and whether the last stage stalled.
+def _sinkhorn_fallback(prob: _Problem, eps, tol, g, max_iter, check_every):
+    """Log-domain Sinkhorn from g (B, m) at eps, each row until its marginal error is at most tol
+    or stalls, at most ``max_iter`` iterations, checked every _SINKHORN_CHUNK. Returns as
+    ``_newton``."""
+    neg = _neg_cost(prob.Ct, eps, prob.col_bias)  # (B, m, n)
+    stall, frozen = _Stall(len(prob), check_every, prob.Ct.dtype), None
+    err, stalled, iters = [math.inf] * len(prob), [False] * len(prob), [0] * len(prob)
+    open_rows, done = list(range(len(prob))), 0
+    while open_rows and done < max_iter:
+        chunk = min(_SINKHORN_CHUNK, max_iter - done)
+        g_new = _sinkhorn(prob.Ct, prob.mu, prob.nu, eps, chunk, g)  # (B, m)
+        g = g_new if frozen is None else torch.where(frozen, g, g_new)  # stopped rows keep their g
+        done += chunk
+        P, Q = _plan_from(g, neg, prob.mu, eps, prob.floor)  # (B, m, n)
+        errs, still, stop = prob.errors(prob.nu - P.sum(-1)).tolist(), [], []
+        for r in open_rows:
+            err[r], stalled[r], iters[r] = errs[r], stall(r, errs[r]), done
+            (stop if errs[r] <= tol or stalled[r] else still).append(r)
+        if stop and still:
+            frozen = _mask([r not in still for r in range(len(prob))], g.device).unsqueeze(-1)  # (B, 1)
+        open_rows = still
+    return g, P, Q, err, stalled, iters
 
-        Guarded steps until one where every row took the full step; from then on unguarded,
-        which evaluates one plan per iteration instead of three. An unguarded step that more
-        than doubles the marginal error is undone, and the guard comes back. A start whose marginal
-        error is at most ``trust_below`` goes unguarded from the first step.
-        """
-        iters, err, stalled = 0, math.inf, False
-        for e, target in stages:
-            neg = _neg_cost(Ct, e, col_bias)
-            P, Q = _plan_from(g, neg, mu, e, floor)  # (B, m, n)
-            n_stage, stall = 0, _Stall(check_every, Ct.dtype)
-            guarded, all_full, last = True, None, None
-            while True:
-                b = P.sum(-1)  # (B, m)
-                grad = nu - b  # (B, m)
-                if n_stage % check_every == 0:
-                    err = marginal_error(grad)
-                    if last is not None and not guarded and not err <= 2 * last[-1]:
-                        g, P, Q, b, grad, err = last
-                        guarded = True
-                    else:
-                        stalled = stall(err)
-                        if err <= target or n_stage >= budget or stalled:
-                            break
-                        # (read only at a check: on an accelerator each read is a sync)
-                        full_steps = bool(all_full) if all_full is not None else last is None and err <= trust_below
-                        guarded = guarded and not full_steps
-                        last = (g, P, Q, b, grad, err)
-                g, Q, all_full = newton_iteration(g, e, neg, P, Q, b, grad, guarded)
-                P = mu.unsqueeze(1) * Q
-                iters += 1
-                n_stage += 1
-        return g, P, Q, iters, err, stalled
 
-    iters, err, method, stalled = 0, math.inf, "newton", False
+class _RowLog:
+    """Per row of the whole batch: error, stall, iterations and method, over the solver's phases."""
+
+    def __init__(self, rows: int):
+        self.err, self.stalled = [math.inf] * rows, [False] * rows
+        self.iters, self.method, self.furthest = [0] * rows, ["newton"] * rows, "newton"
+
+    def add(self, rows: list[int], err, stalled, iters, method: str | None = None) -> None:
+        if len(rows) == len(self.err) and method is None:  # the first phase, on every row
+            self.err, self.stalled, self.iters = list(err), list(stalled), [a + b for a, b in zip(self.iters, iters)]
+            return
+        for i, r in enumerate(rows):
+            self.err[r], self.stalled[r] = err[i], stalled[i]
+            self.iters[r] += iters[i]
+            if method:
+                self.method[r] += method
+                self.furthest = self.method[r]
+
+    def failed(self, tol: float) -> list[int]:
+        # The fallbacks help where Newton failed, not where it reached the dtype's rounding floor.
+        return [r for r, (e, s) in enumerate(zip(self.err, self.stalled)) if not e <= tol and not s]
+
+    def info(self, tol: float) -> SolverInfo:
+        total = sum(self.err)  # NaN if any error is (max() would not always say so)
+        err = total if total != total else max(self.err, default=0.0)
+        rows = tuple(self.iters), tuple(self.err), tuple(self.method)
+        return SolverInfo(max(self.iters, default=0), float(err), bool(err <= tol), self.furthest, *rows)
+
+
+def _put_rows(full, rows: list[int], part):
+    """``full`` (B, ...) with the given rows replaced by ``part`` (len(rows), ...); None: all."""
+    if full is None or len(rows) == full.shape[0]:
+        return part
+    return full.index_copy(0, _index(rows, part.device), part)
+
+
+def _solve(prob: _Problem, eps, tol, max_iter, max_sinkhorn_iter, check_every, g0=None):
+    """Newton's method on the semi-dual, with eps-continuation and Sinkhorn as fallbacks.
+
+    g0: (B, m) or None, a starting point near the optimum (see ``soft_beam.topk``: the potentials
+    of the hard monotone plan). From g0 Newton runs at the target eps directly; the rows where
+    that fails within _WARM_BUDGET iterations (all rows, without g0) run the eps-continuation
+    from g = 0, and the rows where that fails, Sinkhorn from where it ended. Returns g (B, m),
+    its plan P and Q (B, m, n) at eps, and the SolverInfo.
+    """
+    log, g = _RowLog(len(prob)), None
+    failed = list(range(len(prob)))
     if g0 is not None:
-        warm = _regauge(g0.to(nu.dtype), ground)
-        g, P, Q, iters, err, stalled = run([(eps, tol)], warm, min(max_iter, warm_budget), trust_below=10.0)
-    # The fallbacks help where Newton failed, not where it reached the dtype's rounding floor.
-    if not err <= tol and not stalled:
-        g, P, Q, more, err, stalled = run(stages, torch.zeros_like(nu), max_iter)
-        iters += more
-        method = "newton+continuation" if g0 is not None else "newton"
-    if not err <= tol and not stalled:
-        # Fallback: Sinkhorn from Newton's point, in chunks between convergence checks.
-        method += "+sinkhorn"
-        neg = _neg_cost(Ct, eps, col_bias)
-        stall = _Stall(check_every, Ct.dtype)
-        for _ in range(max_iter):
-            g = _sinkhorn(Ct, mu, nu, eps, 10, g)
-            iters += 10
-            P, Q = _plan_from(g, neg, mu, eps, floor)
-            err = marginal_error(nu - P.sum(-1))
-            if err <= tol or stall(err):
-                break
-    return g, P, Q, SolverInfo(iters, float(err), bool(err <= tol), method), lap
+        start = _regauge(g0.to(prob.nu.dtype), prob.ground)
+        g, P, Q, *rows = _newton(prob, [(eps, tol)], start, min(max_iter, _WARM_BUDGET), check_every, _TRUST_BELOW)
+        log.add(failed, *rows)
+        failed = log.failed(tol)
+    if failed or g is None:
+        sub = prob.subset(failed)
+        g_sub, P_sub, Q_sub, *rows = _newton(sub, _continuation_stages(eps, tol), torch.zeros_like(sub.nu), max_iter, check_every)
+        log.add(failed, *rows, method=None if g0 is None else "+continuation")
+        g, Q = _put_rows(g, failed, g_sub), _put_rows(None if g0 is None else Q, failed, Q_sub)
+        P = P_sub if len(failed) == len(prob) else prob.mu_col * Q
+        failed = log.failed(tol)
+    if failed and max_sinkhorn_iter > 0:
+        sub = prob.subset(failed)
+        start = g if len(failed) == len(prob) else g.index_select(0, _index(failed, g.device))
+        g_sub, P_sub, Q_sub, *rows = _sinkhorn_fallback(sub, eps, tol, start, max_sinkhorn_iter, check_every)
+        log.add(failed, *rows, method="+sinkhorn")
+        g, Q = _put_rows(g, failed, g_sub), _put_rows(Q, failed, Q_sub)
+        P = P_sub if len(failed) == len(prob) else prob.mu_col * Q
+    return g, P, Q, log.info(tol)
 
 
-class _EntropicTransport(torch.autograd.Function):
-    """Ct (B, m, n) -> Pt (B, m, n), the cost and the plan anchor-major; backward by implicit
-    differentiation of the optimality conditions. Saves only P and Q: memory O(n m) per row
-    whatever the iteration count."""
+@dataclass(frozen=True, eq=False)
+class TransportSolution:
+    """The result of ``solve_transport``, anchor-major like the solver.
+
+    g (B, m): the anchor potentials, 0 on each row's heaviest anchor; P (B, m, n): the plan
+    transposed (``plan`` is the (B, n, m) view); Q (B, m, n): P / mu, each source's split over
+    the anchors; eps; info; and the grounded Laplacian's masks, which the implicit backward
+    solves with.
+    """
+
+    g: torch.Tensor
+    P: torch.Tensor
+    Q: torch.Tensor
+    eps: float
+    info: SolverInfo
+    laplacian: _GroundedLaplacian = field(repr=False)
+
+    @property
+    def plan(self) -> torch.Tensor:
+        """The plan P (B, n, m), a transposed view."""
+        return self.P.transpose(1, 2)
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Relative marginal error reachable in ``dtype`` (float32 rounds logits of size 1/eps)."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def _default_check_every(device: torch.device) -> int:
+    # A convergence check reads the errors on the host. On CPU that is cheap, and checking every
+    # iteration saves the iteration after convergence (with 2-6 iterations in all, up to 20% of
+    # the time); on an accelerator it is a sync, so there every other iteration.
+    return 1 if device.type == "cpu" else 2
+
+
+@torch.no_grad()
+def solve_transport(C, mu, nu, eps, *, tol=None, max_iter=100, max_sinkhorn_iter=1000, check_every=None, g0=None):
+    """Solves for the entropic plan of cost C (B, n, m) and masses mu (B, n), nu (B, m), without
+    autograd; returns a ``TransportSolution``.
+
+    Newton's method on the semi-dual from g0 (B, m), a starting point for the anchor potentials
+    that changes the cost of the solve, not its result; the rows it leaves unsolved run the
+    eps-continuation (``max_iter`` Newton iterations per eps), then up to ``max_sinkhorn_iter``
+    Sinkhorn iterations. ``tol``: the relative marginal error to reach (default per dtype, see
+    ``default_tolerance``); ``check_every``: iterations between convergence checks (default 1 on
+    CPU, 2 elsewhere). Each row is solved as if alone. As eps -> 0, P tends to the unregularised
+    optimal plan.
+    """
+    tol = default_tolerance(C.dtype) if tol is None else tol
+    check_every = _default_check_every(C.device) if check_every is None else check_every
+    prob = _Problem(C.detach().transpose(1, 2).contiguous(), mu, nu)  # Ct (B, m, n): no copy if C is anchor-major
+    g0 = None if g0 is None else g0.detach()
+    g, P, Q, info = _solve(prob, float(eps), float(tol), int(max_iter), int(max_sinkhorn_iter), int(check_every), g0)
+    return TransportSolution(g, P, Q, float(eps), info, prob.lap)
+
+
+class _ImplicitGradient(torch.autograd.Function):
+    """(Ct (B, m, n), solution) -> the solution's plan Pt (B, m, n), anchor-major; backward by
+    implicit differentiation of the optimality conditions. Saves only P and Q: memory O(n m) per
+    row whatever the iteration count."""
 
     @staticmethod
-    def forward(ctx, Ct, mu, nu, eps, tol, max_iter, check_every, g0, info_out):
-        Ct = Ct.detach().contiguous()  # (B, m, n); no copy when the caller built it anchor-major
-        _, P, Q, info, lap = _solve(Ct, mu, nu, eps, tol, max_iter, check_every, g0)  # P, Q: (B, m, n)
-        info_out.append(info)
-        ctx.save_for_backward(P, Q)
-        ctx.lap = lap  # the masks of the grounded Laplacian, (B, m, m) at most
-        ctx.eps = eps
-        return P
+    def forward(ctx, Ct, solution):
+        ctx.save_for_backward(solution.P, solution.Q)
+        ctx.lap = solution.laplacian  # the masks of the grounded Laplacian, (B, m, m) at most
+        ctx.eps = solution.eps
+        return solution.P
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -368,39 +671,27 @@ class _EntropicTransport(torch.autograd.Function):
         z = ctx.lap.solve(P, Q, u)  # (B, m)
         col = (G * Q).sum(1) - torch.bmm(z.unsqueeze(1), Q).squeeze(1)  # (B, n) = (G * Q)^T 1 - Q^T z
         grad_Ct = (col.unsqueeze(1) - G).add_(z.unsqueeze(-1)).mul_(P).mul_(1 / ctx.eps)  # (B, m, n)
-        return grad_Ct, None, None, None, None, None, None, None, None
+        return grad_Ct, None
 
 
-def default_tolerance(dtype: torch.dtype) -> float:
-    """Relative marginal error reachable in ``dtype`` (float32 rounds logits of size 1/eps)."""
-    return 1e-9 if dtype == torch.float64 else 1e-4
-
-
-def entropic_transport(C, mu, nu, eps, *, tol=None, max_iter=100, check_every=None, on_failure="warn", g0=None):
+def entropic_transport(C, mu, nu, eps, *, tol=None, max_iter=100, max_sinkhorn_iter=1000, check_every=None, on_failure="warn", g0=None):
     """Optimal entropic plan P (B, n, m) for cost C (B, n, m), masses mu (B, n), nu (B, m).
 
-    Differentiable in C (implicit backward). Returns (P, SolverInfo). Inputs are assumed
-    validated (see ``soft_beam.topk``); this is the internal workhorse. g0 (B, m), optional: a
-    starting point for the anchor potentials; it changes the cost of the solve, not its result.
-    As eps -> 0, P tends to the unregularised optimal plan.
+    ``solve_transport`` (same arguments) under no_grad, with the implicit backward attached:
+    differentiable in C. Returns (P, SolverInfo). Inputs are assumed validated (see
+    ``soft_beam.topk``). ``on_failure``: "warn", "raise" or "ignore" when a row misses tol. As
+    eps -> 0, P tends to the unregularised optimal plan.
     """
-    if tol is None:
-        tol = default_tolerance(C.dtype)
-    if check_every is None:
-        # A convergence check reads the error on the host. On CPU that is cheap, and checking
-        # every iteration saves the iteration after convergence (with 2-6 iterations in all, up
-        # to 20% of the time); on an accelerator it is a sync, so there every other iteration.
-        check_every = 1 if C.device.type == "cpu" else 2
-    info_out: list[SolverInfo] = []
-    g0 = None if g0 is None else g0.detach()
-    Ct = C.transpose(1, 2)  # (B, m, n): a view; contiguous if C was built anchor-major
-    Pt = _EntropicTransport.apply(Ct, mu, nu, float(eps), float(tol), int(max_iter), int(check_every), g0, info_out)
-    P = Pt.transpose(1, 2)  # (B, n, m), a view
-    info = info_out[0]
+    tol = default_tolerance(C.dtype) if tol is None else tol
+    solution = solve_transport(
+        C, mu, nu, eps, tol=tol, max_iter=max_iter, max_sinkhorn_iter=max_sinkhorn_iter, check_every=check_every, g0=g0
+    )
+    Pt = _ImplicitGradient.apply(C.transpose(1, 2), solution)  # (B, m, n)
+    info = solution.info
     if not info.converged:
         message = f"soft top-k: entropic OT solve did not reach tol={tol:g} (eps={eps:g}): {info}"
         if on_failure == "raise":
             raise RuntimeError(message)
         if on_failure == "warn":
             warnings.warn(message, RuntimeWarning, stacklevel=3)
-    return P, info
+    return Pt.transpose(1, 2), info  # (B, n, m), a view

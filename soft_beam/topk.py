@@ -8,16 +8,18 @@ other: normalisation, masses and the solve are all per row.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .ot import entropic_transport
 
-__all__ = ["soft_topk", "sorted_soft_topk"]
+__all__ = ["TopKProblem", "build_problem", "soft_topk", "sorted_soft_topk"]
 
 _FAILURE_MODES = ("warn", "raise", "ignore")
 
 
-def _check(scores, k, epsilon, tol, max_iter, on_failure, dim=-1):
+def _check(scores, k, epsilon, tol, max_iter, max_sinkhorn_iter, on_failure, dim=-1):
     if not isinstance(scores, torch.Tensor):
         raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if not scores.is_floating_point():
@@ -32,6 +34,8 @@ def _check(scores, k, epsilon, tol, max_iter, on_failure, dim=-1):
         raise ValueError(f"tol must be > 0, got {tol!r}")
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if isinstance(max_sinkhorn_iter, bool) or not isinstance(max_sinkhorn_iter, int) or max_sinkhorn_iter < 0:
+        raise ValueError(f"max_sinkhorn_iter must be an integer >= 0, got {max_sinkhorn_iter!r}")
     if on_failure not in _FAILURE_MODES:
         raise ValueError(f"on_failure must be one of {_FAILURE_MODES}, got {on_failure!r}")
     n = scores.shape[dim]
@@ -96,26 +100,77 @@ def _monotone_potentials(z, finite, anchors, nu, cnt, top):
     return torch.cat([torch.zeros_like(t[:, :1]), -step.cumsum(-1)], dim=-1)  # (B, m), g_0 = 0
 
 
-def _transport(scores, k, epsilon, anchors_fn, nu_fn, tol, max_iter, on_failure):
-    """Shared body: flatten leading dims, solve in float32 or float64, restore dtype and shape."""
-    lead = scores.shape[:-1]
+@dataclass(frozen=True, eq=False)
+class TopKProblem:
+    """The per-row transport problem of a soft top-k op (B rows, n scores, m anchors):
+
+    C (B, n, m): squared distances from the row's min-max normalised scores to the anchors, a
+        transposed view of an anchor-major (B, m, n) tensor (the solver's layout);
+    mu (B, n): source masses, 1 / (finite scores in the row), 0 on masked scores;
+    nu (B, m): anchor masses;
+    count (B, 1): the number of finite scores per row, in the compute dtype;
+    g0 (B, m) or None: the hard (eps = 0) plan's anchor potentials, the solver's starting point.
+    """
+
+    C: torch.Tensor
+    mu: torch.Tensor
+    nu: torch.Tensor
+    count: torch.Tensor
+    g0: torch.Tensor | None
+
+
+_KINDS = ("sorted", "plain")
+
+
+def build_problem(scores: torch.Tensor, k: int, kind: str = "sorted", *, warm_start: bool = True) -> TopKProblem:
+    """The transport problem that ``sorted_soft_topk`` (kind "sorted": anchors 1, 1 - 1/k, ..., 0
+    with masses 1/n each and (n - k)/n) or ``soft_topk`` (kind "plain": anchors 1 and 0 with
+    masses k/n and (n - k)/n) solves for scores (..., n), flattened to B rows, -inf masked;
+    float64 stays float64, other dtypes become float32. ``warm_start``: also compute g0.
+    Raises ValueError on NaN, +inf or a row with fewer than k finite scores (one host sync)."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.dim() < 1:
+        raise ValueError("scores must be a floating-point torch.Tensor with at least one dimension")
     n = scores.shape[-1]
-    compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=scores.device.type, enabled=False):
-        x = scores.reshape(-1, n).to(compute_dtype)  # (B, n)
-        _check_values(x, k)
-        anchors = anchors_fn(k).to(device=x.device, dtype=compute_dtype)  # (m,)
-        C, z, finite, count = _normalised_cost(x, anchors)
-        cnt = count.to(compute_dtype).unsqueeze(-1)  # (B, 1)
-        mu = finite.to(compute_dtype) / cnt  # (B, n)
-        nu = nu_fn(k, cnt)  # (B, m)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer in [1, n={n}], got {k!r}")
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    x = scores.reshape(-1, n).to(dtype)  # (B, n)
+    _check_values(x, k)
+    anchors_fn, masses_fn = (_rank_anchors, _rank_masses) if kind == "sorted" else (_two_anchors, _two_masses)
+    anchors = anchors_fn(k).to(device=x.device, dtype=dtype)  # (m,)
+    C, z, finite, count = _normalised_cost(x, anchors)  # (B, n, m), (B, n), (B, n), (B,)
+    cnt = count.to(dtype).unsqueeze(-1)  # (B, 1)
+    mu = finite.to(dtype) / cnt  # (B, n)
+    nu = masses_fn(k, cnt)  # (B, m)
+    g0 = None
+    if warm_start:
         with torch.no_grad():
-            g0 = _monotone_potentials(z, finite, anchors, nu, cnt, top=min(n, k + 1))
-        P, info = entropic_transport(C, mu, nu, epsilon, tol=tol, max_iter=max_iter, on_failure=on_failure, g0=g0)
+            g0 = _monotone_potentials(z, finite, anchors, nu, cnt, top=min(n, k + 1))  # (B, m)
+    return TopKProblem(C, mu, nu, cnt, g0)
+
+
+def _transport(scores, k, epsilon, kind, tol, max_iter, max_sinkhorn_iter, on_failure):
+    """Shared body: build the problem (flattening leading dims, in float32 or float64) and solve.
+    Returns the plan anchor-major (B, m, n), counts (B, 1), the leading shape and the SolverInfo."""
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        problem = build_problem(scores, k, kind)
+        P, info = entropic_transport(
+            problem.C,
+            problem.mu,
+            problem.nu,
+            epsilon,
+            tol=tol,
+            max_iter=max_iter,
+            max_sinkhorn_iter=max_sinkhorn_iter,
+            on_failure=on_failure,
+            g0=problem.g0,
+        )
         # n_valid * P: column masses 1/n become 1, row masses 1/n become 1. Scaled and sliced in
         # the solver's anchor-major layout, so that the gradient reaches it contiguous.
         Pt = P.transpose(1, 2)  # (B, m, n), contiguous
-    return Pt, cnt, lead, info
+    return Pt, problem.count, scores.shape[:-1], info
 
 
 def soft_topk(
@@ -126,6 +181,7 @@ def soft_topk(
     *,
     tol: float | None = None,
     max_iter: int = 100,
+    max_sinkhorn_iter: int = 1000,
     return_info: bool = False,
     on_failure: str = "warn",
 ):
@@ -144,13 +200,15 @@ def soft_topk(
         dim: the axis holding the n scores.
         tol: stop when every anchor's mass is within a relative ``tol`` (default 1e-4 in
             float32, 1e-9 in float64).
-        max_iter: Newton iterations at the final epsilon before the Sinkhorn fallback.
+        max_iter: Newton iterations per epsilon: from the hard plan's potentials (at most 20),
+            then per stage of the eps-continuation, the first fallback.
+        max_sinkhorn_iter: Sinkhorn iterations of the last fallback (0: none).
         return_info: also return a :class:`SolverInfo`.
         on_failure: "warn" (default), "raise" or "ignore" when tol is not reached.
     """
-    _check(scores, k, epsilon, tol, max_iter, on_failure, dim)
+    _check(scores, k, epsilon, tol, max_iter, max_sinkhorn_iter, on_failure, dim)
     x = scores.movedim(dim, -1)
-    Pt, cnt, lead, info = _transport(x, k, epsilon, _two_anchors, _two_masses, tol, max_iter, on_failure)
+    Pt, cnt, lead, info = _transport(x, k, epsilon, "plain", tol, max_iter, max_sinkhorn_iter, on_failure)
     out = Pt[:, 0] * cnt  # (B, n)
     result = out.reshape(*lead, x.shape[-1]).to(scores.dtype).movedim(-1, dim)  # (..., n) -> like scores
     return (result, info) if return_info else result
@@ -163,6 +221,7 @@ def sorted_soft_topk(
     *,
     tol: float | None = None,
     max_iter: int = 100,
+    max_sinkhorn_iter: int = 1000,
     return_info: bool = False,
     on_failure: str = "warn",
 ):
@@ -176,8 +235,8 @@ def sorted_soft_topk(
     ``torch.topk(scores, k).indices[..., j]`` (for scores without ties among the top k + 1).
     Arguments as in :func:`soft_topk`; the scores lie along the last axis.
     """
-    _check(scores, k, epsilon, tol, max_iter, on_failure)
-    Pt, cnt, lead, info = _transport(scores, k, epsilon, _rank_anchors, _rank_masses, tol, max_iter, on_failure)
+    _check(scores, k, epsilon, tol, max_iter, max_sinkhorn_iter, on_failure)
+    Pt, cnt, lead, info = _transport(scores, k, epsilon, "sorted", tol, max_iter, max_sinkhorn_iter, on_failure)
     out = Pt[:, :k] * cnt.unsqueeze(-1)  # (B, k, n)
     # the one transposing copy, (B, k, n) -> (B, n, k), together with the dtype's
     out = out.transpose(1, 2).to(scores.dtype, memory_format=torch.contiguous_format)  # (B, n, k)
