@@ -4,12 +4,17 @@
 # Every step logs what it does. A step records a stamp OUT/.stamps/<step> holding the options it ran
 # with; it is skipped on a re-run when its stamp matches and its outputs exist. Running a step removes
 # the stamps of the steps after it, so changing an option redoes exactly what depends on it.
+#
+# The test sets (step "test") are off that chain: they feed encode and binarize but not sentencepiece,
+# so adding or dropping a test set re-encodes and re-binarises, and keeps the sentencepiece model (and
+# with it the dictionary that trained checkpoints depend on).
 
 PREP_NAME=${PREP_NAME:-prepare}
 DATA_PREP_DIR=${DATA_PREP_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
 STEPS=(download extract raw spm encode binarize)
 
 log() { printf '[%s] %s\n' "$PREP_NAME" "$*"; }
+warn() { printf '[%s] WARNING: %s\n' "$PREP_NAME" "$*" >&2; }
 die() {
     printf '[%s] ERROR: %s\n' "$PREP_NAME" "$*" >&2
     exit 1
@@ -78,9 +83,13 @@ step_done() { # step_done STEP KEY OUTPUT...
     return 0
 }
 
-step_start() { # step_start STEP: forget this step and every later one
+step_start() { # step_start STEP: forget this step and every step that depends on it
     local s later=0
     mkdir -p "$OUT/.stamps"
+    if [[ $1 == test ]]; then
+        rm -f "$OUT/.stamps/test" "$OUT/.stamps/encode" "$OUT/.stamps/binarize"
+        return 0
+    fi
     for s in "${STEPS[@]}"; do
         [[ $s == "$1" ]] && later=1
         ((later)) && rm -f "$OUT/.stamps/$s"
@@ -102,27 +111,51 @@ fetch() {
     if [[ ${NO_DOWNLOAD:-0} == 1 ]]; then
         die "missing archive: $dest (not found and --no-download given; download it from $url)"
     fi
-    mkdir -p "$(dirname "$dest")"
+    download "$url" "$dest" || die "$FETCH_ERROR"
+}
+
+# fetch_optional URL DEST: as fetch, but a file that is missing (--no-download) or cannot be downloaded
+# returns 1 with the reason in FETCH_ERROR instead of stopping the recipe.
+fetch_optional() {
+    local url=$1 dest=$2
+    if [[ -s $dest ]]; then
+        log "found $dest, skipping download"
+        return 0
+    fi
+    if [[ ${NO_DOWNLOAD:-0} == 1 ]]; then
+        FETCH_ERROR="$dest not found (--no-download given)"
+        return 1
+    fi
+    download "$url" "$dest"
+}
+
+# download URL DEST: returns 1 with the reason in FETCH_ERROR on failure, leaving no partial file.
+download() {
+    local url=$1 dest=$2 ok=1
+    FETCH_ERROR=""
+    mkdir -p "$(dirname "$dest")" 2>/dev/null || {
+        FETCH_ERROR="cannot create $(dirname "$dest") to download $url into"
+        return 1
+    }
     log "downloading $url -> $dest"
     rm -f "$dest.part"
     if command -v curl >/dev/null 2>&1; then
-        curl -fL --retry 3 --connect-timeout 30 -sS -o "$dest.part" "$url" || {
-            rm -f "$dest.part"
-            die "download failed: $url (put the file at $dest yourself and run again)"
-        }
+        curl -fL --retry 3 --connect-timeout 30 -sS -o "$dest.part" "$url" || ok=0
     elif command -v wget >/dev/null 2>&1; then
-        wget -q --tries=3 --timeout=30 -O "$dest.part" "$url" || {
-            rm -f "$dest.part"
-            die "download failed: $url (put the file at $dest yourself and run again)"
-        }
+        wget -q --tries=3 --timeout=30 -O "$dest.part" "$url" || ok=0
     else
-        die "required tool 'curl' or 'wget' not found on PATH, needed to download $url (or put the file at $dest)"
+        FETCH_ERROR="required tool 'curl' or 'wget' not found on PATH, needed to download $url (or put the file at $dest)"
+        return 1
     fi
-    [[ -s $dest.part ]] || {
+    if ((!ok)) || [[ ! -s $dest.part ]]; then
         rm -f "$dest.part"
-        die "download failed: $url gave an empty file"
+        FETCH_ERROR="download failed: $url$( ((ok)) && echo ' gave an empty file' || echo " (put the file at $dest yourself and run again)")"
+        return 1
+    fi
+    mv "$dest.part" "$dest" || {
+        FETCH_ERROR="cannot write $dest"
+        return 1
     }
-    mv "$dest.part" "$dest"
 }
 
 # check_gzip FILE: gzip integrity test.
@@ -308,14 +341,69 @@ clean_pairs() {
     mv "$out_tgt.tmp" "$out_tgt"
 }
 
+# ---------------------------------------------------------------- test sets
+
+# parse_test_sets LIST KNOWN...: checks a --test-sets value (comma-separated names, each one of KNOWN,
+# none twice) and sets TEST_NAMES to it.
+parse_test_sets() {
+    local list=$1 name seen="," names=()
+    shift
+    TEST_NAMES=()
+    [[ -n $list && $list != *,,* && $list != ,* && $list != *, ]] ||
+        die "--test-sets needs comma-separated set names (got '$list'; known: $(IFS=,; echo "$*"))"
+    IFS=, read -r -a names <<<"$list"
+    for name in "${names[@]}"; do
+        [[ " $* " == *" $name "* ]] || die "unknown test set '$name' in --test-sets (known: $(IFS=,; echo "$*"))"
+        [[ $seen != *",$name,"* ]] || die "test set '$name' given twice in --test-sets"
+        seen+="$name,"
+        TEST_NAMES+=("$name")
+    done
+}
+
+# set_test_splits: the fairseq split of each of TEST_NAMES, as fairseq-preprocess --testpref a,b,...
+# names them: test, test1, test2, ...
+set_test_splits() {
+    local i
+    TEST_SPLITS=()
+    for i in "${!TEST_NAMES[@]}"; do
+        if ((i == 0)); then TEST_SPLITS+=(test); else TEST_SPLITS+=("test$i"); fi
+    done
+    TEST_KEY="$(IFS=,; echo "${TEST_NAMES[*]}")"
+}
+
+# test_step TEXT_FN: the step "test". For each set, TEXT_FN NAME LANG OUT writes that side of the set,
+# as text, to OUT = OUT/raw/SPLIT.LANG. Test sets are references: whitespace is normalised, nothing
+# is cleaned or dropped.
+test_step() {
+    local text_fn=$1 raw="$OUT/raw" key="tests=$TEST_KEY|$SRC-$TGT" outs=() i sp name ns nt
+    for sp in "${TEST_SPLITS[@]}"; do outs+=("$raw/$sp.$SRC" "$raw/$sp.$TGT"); done
+    if step_done test "$key" "${outs[@]}"; then
+        log "step test: test sets ${TEST_KEY//,/, } exist in $raw, skipping"
+        return 0
+    fi
+    step_start test
+    mkdir -p "$raw"
+    rm -f "$raw"/test[0-9]*."$SRC" "$raw"/test[0-9]*."$TGT" # splits of an earlier, longer list
+    for i in "${!TEST_NAMES[@]}"; do
+        name=${TEST_NAMES[$i]} sp=${TEST_SPLITS[$i]}
+        "$text_fn" "$name" "$SRC" "$raw/$sp.$SRC"
+        "$text_fn" "$name" "$TGT" "$raw/$sp.$TGT"
+        ns=$(count_lines "$raw/$sp.$SRC") nt=$(count_lines "$raw/$sp.$TGT")
+        ((ns == nt)) || die "test set $name: the $SRC side has $ns lines but the $TGT side has $nt"
+        ((ns > 0)) || die "test set $name is empty"
+        log "step test: $name -> split $sp ($ns pairs, whitespace-normalised, not cleaned)"
+    done
+    step_mark test "$key"
+}
+
 # ---------------------------------------------------------------- sentencepiece + fairseq
 
-# common_tail CORPUS: the steps shared by all corpora, from OUT/raw/* on:
-# sentencepiece training and encoding, fairseq-preprocess, prep.json.
+# common_tail CORPUS: the steps shared by all corpora, from OUT/raw/* on (train, valid and the
+# TEST_SPLITS): sentencepiece training and encoding, fairseq-preprocess, prep.json.
 common_tail() {
     local corpus=$1 raw="$OUT/raw" spm_dir="$OUT/spm" enc="$OUT/spm-encoded" bin="$OUT/data-bin"
     local key_spm="$KEY_RAW|vocab=$VOCAB_SIZE|coverage=$CHAR_COVERAGE|spm_sentences=$SPM_SENTENCES"
-    local sp l
+    local key_enc="$key_spm|tests=$TEST_KEY" sp l splits=(train valid "${TEST_SPLITS[@]}")
 
     # --- sentencepiece model
     if step_done spm "$key_spm" "$spm_dir/spm.model" "$spm_dir/spm.vocab"; then
@@ -337,53 +425,65 @@ common_tail() {
     fi
 
     # --- encoding
-    local enc_out=()
-    for sp in train valid test; do for l in "$SRC" "$TGT"; do enc_out+=("$enc/$sp.$l"); done; done
-    if step_done encode "$key_spm" "${enc_out[@]}"; then
+    local enc_out=() ins=() outs=()
+    for sp in "${splits[@]}"; do for l in "$SRC" "$TGT"; do
+        ins+=("$raw/$sp.$l")
+        outs+=("$enc/$sp.$l")
+    done; done
+    if step_done encode "$key_enc" "${outs[@]}"; then
         log "step encode: $enc exists, skipping"
     else
         step_start encode
-        log "step encode: encoding train/valid/test with $spm_dir/spm.model into $enc"
+        log "step encode: encoding ${splits[*]} with $spm_dir/spm.model into $enc"
         mkdir -p "$enc"
-        local ins=() outs=()
-        for sp in train valid test; do for l in "$SRC" "$TGT"; do
-            ins+=("$raw/$sp.$l")
-            outs+=("$enc/$sp.$l")
-        done; done
+        rm -f "$enc"/test[0-9]*."$SRC" "$enc"/test[0-9]*."$TGT"
         "$PY" "$DATA_PREP_DIR/spm_encode.py" --model "$spm_dir/spm.model" --inputs "${ins[@]}" \
             --outputs "${outs[@]}" --threads "$WORKERS" || die "sentencepiece encoding failed"
-        step_mark encode "$key_spm"
+        step_mark encode "$key_enc"
     fi
 
-    # --- fairseq-preprocess
-    if step_done binarize "$key_spm" "$bin/dict.$SRC.txt" "$bin/dict.$TGT.txt" \
-        "$bin/train.$SRC-$TGT.$SRC.bin" "$bin/valid.$SRC-$TGT.$TGT.bin" "$bin/test.$SRC-$TGT.$TGT.idx"; then
+    # --- fairseq-preprocess: the test sets become test, test1, ... (--testpref a,b,...)
+    local bin_out=("$bin/dict.$SRC.txt" "$bin/dict.$TGT.txt" "$bin/train.$SRC-$TGT.$SRC.bin" "$bin/valid.$SRC-$TGT.$TGT.bin")
+    local testpref=()
+    for sp in "${TEST_SPLITS[@]}"; do
+        bin_out+=("$bin/$sp.$SRC-$TGT.$TGT.idx")
+        testpref+=("$enc/$sp")
+    done
+    if step_done binarize "$key_enc" "${bin_out[@]}"; then
         log "step binarize: $bin exists, skipping"
     else
         step_start binarize
         log "step binarize: $FSQ_PREPROCESS --source-lang $SRC --target-lang $TGT --joined-dictionary -> $bin"
         rm -rf "$bin"
         "$FSQ_PREPROCESS" --source-lang "$SRC" --target-lang "$TGT" \
-            --trainpref "$enc/train" --validpref "$enc/valid" --testpref "$enc/test" \
+            --trainpref "$enc/train" --validpref "$enc/valid" --testpref "$(IFS=,; echo "${testpref[*]}")" \
             --destdir "$bin" --joined-dictionary --workers "$WORKERS" >"$OUT/preprocess.log" 2>&1 || {
             tail -n 20 "$OUT/preprocess.log" >&2
             die "fairseq-preprocess failed (log: $OUT/preprocess.log)"
         }
         log "step binarize: wrote $bin (dictionary of $(count_lines "$bin/dict.$SRC.txt") entries)"
-        step_mark binarize "$key_spm"
+        step_mark binarize "$key_enc"
     fi
 
-    # --- prep.json (cheap: always rewritten)
+    # --- prep.json (cheap: always rewritten); the test sets as SPLIT=NAME=PAIRS arguments
+    local tests=() i
+    for i in "${!TEST_SPLITS[@]}"; do
+        tests+=("${TEST_SPLITS[$i]}=${TEST_NAMES[$i]}=$(count_lines "$raw/${TEST_SPLITS[$i]}.$SRC")")
+    done
     "$PY" - "$OUT/prep.json" "$SRC" "$TGT" "$corpus" "$VOCAB_SIZE" "${SUBSET:-0}" \
         "$(count_lines "$raw/train.$SRC")" "$(count_lines "$raw/valid.$SRC")" "$(count_lines "$raw/test.$SRC")" \
-        "$MAX_LEN" "$MIN_LEN" "$RATIO" "${PAIR:-$SRC-$TGT}" <<'PYEOF' || die "could not write prep.json"
+        "$MAX_LEN" "$MIN_LEN" "$RATIO" "${PAIR:-$SRC-$TGT}" "${tests[@]}" <<'PYEOF' || die "could not write prep.json"
 import json, sys
-path, src, tgt, corpus, vocab, subset, ntrain, nvalid, ntest, max_len, min_len, ratio, pair = sys.argv[1:]
+path, src, tgt, corpus, vocab, subset, ntrain, nvalid, ntest, max_len, min_len, ratio, pair = sys.argv[1:14]
+tests = [arg.split("=") for arg in sys.argv[14:]]
 info = {
     "src": src, "tgt": tgt, "corpus": corpus, "vocab_size": int(vocab),
     "subset": int(subset) or None, "train_pairs": int(ntrain),
     "valid_pairs": int(nvalid), "test_pairs": int(ntest), "pair": pair,
     "clean": {"max_len": int(max_len), "min_len": int(min_len), "ratio": float(ratio)},
+    # fairseq split -> test set, and each set's size; split "test" is the first set
+    "test_sets": {split: name for split, name, _ in tests},
+    "test_set_pairs": {name: int(n) for _, name, n in tests},
 }
 with open(path + ".tmp", "w") as f:
     json.dump(info, f, indent=2)
@@ -392,7 +492,7 @@ import os
 os.replace(path + ".tmp", path)
 PYEOF
     log "wrote $OUT/prep.json"
-    log "done: $OUT (train $(count_lines "$raw/train.$SRC") / valid $(count_lines "$raw/valid.$SRC") / test $(count_lines "$raw/test.$SRC") pairs)"
+    log "done: $OUT (train $(count_lines "$raw/train.$SRC") / valid $(count_lines "$raw/valid.$SRC") pairs; test sets: ${TEST_KEY//,/, })"
 }
 
 # validate_common_options: checks the options every recipe shares.

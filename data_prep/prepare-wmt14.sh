@@ -7,7 +7,10 @@
 #   en-de: Europarl v7, Common Crawl, News Commentary v9
 #   en-fr: Europarl v7, Common Crawl, UN, News Commentary v9, Giga-fren
 # Validation: newstest2013 (dev.tgz). Test: newstest2014, the full set (test-full.tgz, same as
-# sacreBLEU's wmt14/full), SGML stripped; test is not cleaned, it is the reference.
+# sacreBLEU's wmt14/full), SGML stripped. --test-sets adds or replaces test sets from the newstest
+# years the archives hold: newstest2009 to newstest2013 (dev.tgz, plain text) and newstest2014. They
+# become splits test, test1, ... in the order given (fairseq's --testpref a,b,... names; OUT/prep.json
+# maps them to the set names). Test sets are references: whitespace-normalised only, never cleaned.
 #
 # Options:
 #   --pair en-de|en-fr     language pair (default: from --src/--tgt)
@@ -15,6 +18,7 @@
 #   --out DIR              output folder (required)
 #   --raw-dir DIR          where the archives are, or are downloaded to (default OUT/archives)
 #   --no-download          fail instead of downloading a missing archive
+#   --test-sets A,B,...    test sets in this order, from newstest2009 ... newstest2014 (default newstest2014)
 #   --vocab-size N         joint sentencepiece vocabulary (default 32000)
 #   --subset N             keep only the first N clean training pairs
 #   --workers N            threads for sentencepiece, sort and fairseq-preprocess (default nproc, max 8)
@@ -26,8 +30,8 @@
 # Env: PYTHON (a python with sentencepiece), FAIRSEQ_PREPROCESS, WMT14_MIRROR (a base URL holding all
 # archives by file name, instead of statmt.org).
 #
-# Output (OUT): raw/{train,valid,test}.{SRC,TGT}, spm/spm.{model,vocab}, spm-encoded/{train,valid,test}.{SRC,TGT},
-# data-bin/ (fairseq-preprocess --joined-dictionary), prep.json. Archives are extracted under OUT/orig.
+# Output (OUT): raw/{train,valid,test,test1,...}.{SRC,TGT}, spm/spm.{model,vocab}, spm-encoded/ (the same
+# splits), data-bin/ (fairseq-preprocess --joined-dictionary), prep.json. Archives are extracted under OUT/orig.
 # Re-running skips the steps whose outputs exist and whose options are unchanged.
 set -euo pipefail
 
@@ -39,7 +43,8 @@ source "$DATA_PREP_DIR/common.sh"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 
 PAIR="" SRC="" TGT="" OUT="" RAW_DIR="" NO_DOWNLOAD=0 VOCAB_SIZE=32000 SUBSET="" WORKERS=$(default_workers)
-MAX_LEN=250 MIN_LEN=1 RATIO=1.5 CHAR_COVERAGE=1.0 SPM_SENTENCES=5000000
+MAX_LEN=250 MIN_LEN=1 RATIO=1.5 CHAR_COVERAGE=1.0 SPM_SENTENCES=5000000 TEST_SETS=newstest2014
+KNOWN_TEST_SETS=(newstest2009 newstest2010 newstest2011 newstest2012 newstest2013 newstest2014)
 while (($#)); do
     case $1 in
     --pair) PAIR=${2:?--pair needs a value}; shift 2 ;;
@@ -48,6 +53,7 @@ while (($#)); do
     --out) OUT=${2:?--out needs a value}; shift 2 ;;
     --raw-dir) RAW_DIR=${2:?--raw-dir needs a value}; shift 2 ;;
     --no-download) NO_DOWNLOAD=1; shift ;;
+    --test-sets) TEST_SETS=${2?--test-sets needs a value}; shift 2 ;;
     --vocab-size) VOCAB_SIZE=${2:?--vocab-size needs a value}; shift 2 ;;
     --subset) SUBSET=${2:?--subset needs a value}; shift 2 ;;
     --workers) WORKERS=${2:?--workers needs a value}; shift 2 ;;
@@ -79,6 +85,8 @@ esac
 if ! [[ ($SRC == en && $TGT == "$XX") || ($SRC == "$XX" && $TGT == en) ]]; then
     die "--src $SRC --tgt $TGT does not match --pair $PAIR"
 fi
+parse_test_sets "$TEST_SETS" "${KNOWN_TEST_SETS[@]}"
+set_test_splits
 validate_common_options
 RAW_DIR=${RAW_DIR:-$OUT/archives}
 mkdir -p "$RAW_DIR" || die "cannot create $RAW_DIR"
@@ -107,33 +115,46 @@ if [[ $XX == fr ]]; then
     ARCHIVES+=("training-giga-fren.tar|$BASE/wmt10/training-giga-fren.tar|giga-fren.release2.fixed.fr.gz giga-fren.release2.fixed.en.gz")
     CORPORA+=(giga-fren.release2.fixed)
 fi
-ARCHIVES+=(
-    "dev.tgz|$BASE/wmt14/dev.tgz|dev/newstest2013.$SRC dev/newstest2013.$TGT"
-    "test-full.tgz|$BASE/wmt14/test-full.tgz|test-full/newstest2014-$TAG-src.$SRC.sgm test-full/newstest2014-$TAG-ref.$TGT.sgm"
-)
+ARCHIVES+=("dev.tgz|$BASE/wmt14/dev.tgz|dev/newstest2013.$SRC dev/newstest2013.$TGT")
+# the test sets' members, extracted apart: a new test set must not redo the cleaning (step raw)
+TEST_ARCHIVES=()
+dev_members=""
+for name in "${TEST_NAMES[@]}"; do
+    [[ $name == newstest2014 ]] || dev_members+="${dev_members:+ }dev/$name.$SRC dev/$name.$TGT"
+done
+[[ -z $dev_members ]] || TEST_ARCHIVES+=("dev.tgz|$BASE/wmt14/dev.tgz|$dev_members")
+if [[ " ${TEST_NAMES[*]} " == *" newstest2014 "* ]]; then
+    TEST_ARCHIVES+=("test-full.tgz|$BASE/wmt14/test-full.tgz|test-full/newstest2014-$TAG-src.$SRC.sgm test-full/newstest2014-$TAG-ref.$TGT.sgm")
+fi
+[[ " ${TEST_NAMES[*]} " != *" newstest2013 "* ]] || log "note: newstest2013 is also the validation set"
+log "test sets: ${TEST_KEY//,/, }"
 
 ORIG="$OUT/orig"
 
 # --- step download
-for entry in "${ARCHIVES[@]}"; do
+fetched=" "
+for entry in "${ARCHIVES[@]}" "${TEST_ARCHIVES[@]}"; do
     IFS='|' read -r file url _ <<<"$entry"
+    [[ $fetched != *" $file "* ]] || continue
+    fetched+="$file "
     [[ -n ${WMT14_MIRROR:-} ]] && url="${WMT14_MIRROR%/}/$file"
     fetch "$url" "$RAW_DIR/$file"
 done
 
-# --- step extract: check each archive's integrity and members, extract the members we use
-for entry in "${ARCHIVES[@]}"; do
-    IFS='|' read -r file _ members <<<"$entry"
+# --- step extract: check each archive's integrity and members, extract the members we use.
+# extract_entry ENTRY STAMP STEP: STEP is the step whose stamp a (re-)extraction invalidates.
+extract_entry() {
+    local file members archive key m outs=() member_list
+    IFS='|' read -r file _ members <<<"$1"
     read -r -a member_list <<<"$members"
     archive="$RAW_DIR/$file"
     key="extract|$(cd "$(dirname "$archive")" && pwd)/$file|$(wc -c <"$archive")|$members"
-    outs=()
     for m in "${member_list[@]}"; do outs+=("$ORIG/${m%.gz}"); done
-    if step_done "extract.$file" "$key" "${outs[@]}"; then
+    if step_done "$2" "$key" "${outs[@]}"; then
         log "step extract: $file already checked and extracted, skipping"
-        continue
+        return 0
     fi
-    rm -f "$OUT/.stamps/extract.$file" "$OUT/.stamps/raw"
+    rm -f "$OUT/.stamps/$2" "$OUT/.stamps/$3"
     extract_members "$archive" "$ORIG" "${member_list[@]}"
     for m in "${member_list[@]}"; do
         if [[ $m == *.gz ]]; then
@@ -143,14 +164,16 @@ for entry in "${ARCHIVES[@]}"; do
         fi
     done
     mkdir -p "$OUT/.stamps"
-    step_mark "extract.$file" "$key"
-done
+    step_mark "$2" "$key"
+}
+for entry in "${ARCHIVES[@]}"; do extract_entry "$entry" "extract.${entry%%|*}" raw; done
+for entry in "${TEST_ARCHIVES[@]}"; do extract_entry "$entry" "extract-test.${entry%%|*}" test; done
 
-# --- step raw: clean train + valid, strip the test SGML
+# --- step raw: clean train + valid
 RAW="$OUT/raw"
 KEY_RAW="wmt14|$PAIR|$SRC-$TGT|subset=${SUBSET:-all}|max_len=$MAX_LEN|min_len=$MIN_LEN|ratio=$RATIO"
 raw_out=()
-for sp in train valid test; do for l in "$SRC" "$TGT"; do raw_out+=("$RAW/$sp.$l"); done; done
+for sp in train valid; do for l in "$SRC" "$TGT"; do raw_out+=("$RAW/$sp.$l"); done; done
 if step_done raw "$KEY_RAW" "${raw_out[@]}"; then
     log "step raw: $RAW exists, skipping"
 else
@@ -162,15 +185,22 @@ else
     clean_pairs "$RAW/train.$SRC" "$RAW/train.$TGT" 1 "${SUBSET:-0}" "${pairs[@]}"
     log "step raw: cleaning valid (newstest2013)"
     clean_pairs "$RAW/valid.$SRC" "$RAW/valid.$TGT" 0 0 "$ORIG/dev/newstest2013.$SRC" "$ORIG/dev/newstest2013.$TGT"
-    log "step raw: test = newstest2014 (full), SGML stripped, not cleaned"
-    sgm_to_text "$ORIG/test-full/newstest2014-$TAG-src.$SRC.sgm" "$RAW/test.$SRC"
-    sgm_to_text "$ORIG/test-full/newstest2014-$TAG-ref.$TGT.sgm" "$RAW/test.$TGT"
-    ns=$(count_lines "$RAW/test.$SRC") nt=$(count_lines "$RAW/test.$TGT")
-    ((ns == nt)) || die "newstest2014 source has $ns segments but the reference has $nt"
     n=$(count_lines "$RAW/train.$SRC")
     ((n > 0)) || die "no training pairs left after cleaning"
-    log "step raw: train $n, valid $(count_lines "$RAW/valid.$SRC"), test $ns pairs"
+    log "step raw: train $n, valid $(count_lines "$RAW/valid.$SRC") pairs"
     step_mark raw "$KEY_RAW"
 fi
+
+# --- step test: newstest2014 from its SGML (full set), the older years from dev.tgz's plain text
+test_text() { # NAME LANG OUT
+    if [[ $1 != newstest2014 ]]; then
+        normalise_text "$ORIG/dev/$1.$2" "$3"
+    elif [[ $2 == "$SRC" ]]; then
+        sgm_to_text "$ORIG/test-full/newstest2014-$TAG-src.$SRC.sgm" "$3"
+    else
+        sgm_to_text "$ORIG/test-full/newstest2014-$TAG-ref.$TGT.sgm" "$3"
+    fi
+}
+test_step test_text
 
 common_tail wmt14

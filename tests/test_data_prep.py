@@ -2,8 +2,10 @@
 
 WMT'14: tiny archives with the real file names and member layout (a few hundred lines each, with
 planted empty, too long, badly proportioned and duplicate pairs) go through the whole recipe, for
-en-de and en-fr. Multi30k: the real files from ../shared/data/multi30k when present. Bad input:
-missing or truncated archives, a missing member, a missing tool, a failed download.
+en-de and en-fr. Multi30k: the real files from ../shared/data/multi30k when present, and tiny files
+with the real names of all four test sets. Test sets (--test-sets): each its own split, never
+cleaned. Bad input: missing or truncated archives, a missing member, a missing tool, a failed
+download, unknown, repeated or missing test sets.
 """
 
 from __future__ import annotations
@@ -149,12 +151,19 @@ def build_wmt_archives(raw: Path) -> dict:
     dev_en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(30)]
     dev_en[4] = ""
     dev = {lang: [" ".join(translate(s.split(), lang)) for s in dev_en] for lang in ("en", "de", "fr")}
+    # newstest2012 (a test set on request): plain text, not cleaned (empty, 300-word, repeated lines stay)
+    nt12_en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(12)]
+    nt12_en[2], nt12_en[5], nt12_en[6] = "", " ".join(["long"] * 300), nt12_en[4]
+    nt12 = {lang: [" ".join(translate(s.split(), lang)) for s in nt12_en] for lang in ("en", "de", "fr")}
     _tar(raw / "dev.tgz", {
         **{f"dev/newstest2013.{lang}": "\n".join(v) + "\n" for lang, v in dev.items()},
+        **{f"dev/newstest2012.{lang}": "\n".join("  " + s.replace(" ", " \t ") for s in v) + "\n"
+           for lang, v in nt12.items()},
         "dev/newstest2013-src.en.sgm": _sgm(dev["en"], "src", "en"),
     })  # fmt: skip
     for xx in ("de", "fr"):
         expect[xx]["valid"] = {lang: [s for i, s in enumerate(v) if i != 4] for lang, v in dev.items()}
+        expect[xx]["newstest2012"] = nt12
 
     # newstest2014 (test): SGML, not cleaned (empty, long and repeated segments stay)
     test_en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(25)]
@@ -209,9 +218,9 @@ def lines(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").split("\n")[:-1]
 
 
-def check_layout(out: Path, src: str, tgt: str, n_train: int, n_valid: int, n_test: int):
-    """The fixed output layout, with consistent line counts through every stage."""
-    counts = {"train": n_train, "valid": n_valid, "test": n_test}
+def check_layout(out: Path, src: str, tgt: str, n_train: int, n_valid: int, tests: dict[str, int]):
+    """The fixed output layout, with consistent line counts through every stage; TESTS: split -> lines."""
+    counts = {"train": n_train, "valid": n_valid, **tests}
     for split, n in counts.items():
         for lang in (src, tgt):
             assert len(lines(out / "raw" / f"{split}.{lang}")) == n, (split, lang)
@@ -242,8 +251,10 @@ def test_wmt14_en_de_cleans_encodes_binarises_and_reruns(wmt_raw, tmp_path):
             "--vocab-size", 150, "--workers", 2]  # fmt: skip
     log = ok(run_recipe(WMT, *args))
     exp = expect["de"]
-    info = check_layout(out, "en", "de", len(exp["train"]), len(exp["valid"]["en"]), len(exp["test"]["en"]))
+    info = check_layout(out, "en", "de", len(exp["train"]), len(exp["valid"]["en"]), {"test": len(exp["test"]["en"])})
     assert info["corpus"] == "wmt14" and info["vocab_size"] == 150 and info["subset"] is None
+    assert info["test_sets"] == {"test": "newstest2014"}  # the default
+    assert info["test_set_pairs"] == {"newstest2014": len(exp["test"]["en"])}
 
     # training: exactly the clean pairs of the three corpora, in order (empty, whitespace-only, > 250
     # words, ratio > 1.5, duplicates within and across corpora and up to spaces all dropped)
@@ -277,11 +288,18 @@ def test_wmt14_fr_en_subset_through_giga_fren(wmt_raw, tmp_path):
     subset = len(exp["train"]) - 5  # ends in Giga-fren, the last corpus (a .gz inside the .tar)
     out = tmp_path / "wmt14.fr-en"
     log = ok(run_recipe(WMT, "--pair", "en-fr", "--src", "fr", "--tgt", "en", "--raw-dir", raw, "--no-download",
-                        "--out", out, "--vocab-size", 150, "--subset", subset, "--workers", 2))  # fmt: skip
-    info = check_layout(out, "fr", "en", subset, len(exp["valid"]["en"]), len(exp["test"]["en"]))
+                        "--out", out, "--vocab-size", 150, "--subset", subset, "--workers", 2,
+                        "--test-sets", "newstest2012,newstest2014"))  # fmt: skip
+    nt12 = exp["newstest2012"]
+    info = check_layout(out, "fr", "en", subset, len(exp["valid"]["en"]),
+                        {"test": len(nt12["en"]), "test1": len(exp["test"]["en"])})  # fmt: skip
     assert info["subset"] == subset and info["corpus"] == "wmt14"
+    assert info["test_sets"] == {"test": "newstest2012", "test1": "newstest2014"}
     assert list(zip(lines(out / "raw/train.en"), lines(out / "raw/train.fr"), strict=True)) == exp["train"][:subset]
-    assert lines(out / "raw/test.fr") == exp["test"]["fr"] and lines(out / "raw/test.en") == exp["test"]["en"]
+    # newstest2012 from dev.tgz's plain text: whitespace normalised, nothing dropped
+    assert lines(out / "raw/test.fr") == nt12["fr"] and lines(out / "raw/test.en") == nt12["en"]
+    assert "" in nt12["en"] and len(set(nt12["en"])) < len(nt12["en"])
+    assert lines(out / "raw/test1.fr") == exp["test"]["fr"] and lines(out / "raw/test1.en") == exp["test"]["en"]
     assert lines(out / "raw/valid.fr") == exp["valid"]["fr"]
     assert "giga-fren.release2.fixed.fr" in log and "subset reached" in log
 
@@ -292,10 +310,12 @@ def test_multi30k_subset(tgt, tmp_path):
     if not (MULTI30K_DIR / f"train.{tgt}.gz").is_file():
         pytest.skip(f"Multi30k not found at {MULTI30K_DIR} (../shared/data/multi30k beside the checkout)")
     out = tmp_path / f"multi30k.en-{tgt}"
-    ok(run_recipe(M30K, "--tgt", tgt, "--raw-dir", MULTI30K_DIR, "--no-download", "--out", out,
-                  "--subset", 500, "--vocab-size", 400, "--workers", 2))  # fmt: skip
-    info = check_layout(out, "en", tgt, 500, 1014, 1000)
+    log = ok(run_recipe(M30K, "--tgt", tgt, "--raw-dir", MULTI30K_DIR, "--no-download", "--out", out,
+                        "--subset", 500, "--vocab-size", 400, "--workers", 2))  # fmt: skip
+    info = check_layout(out, "en", tgt, 500, 1014, {"test": 1000})
     assert info["corpus"] == "multi30k" and info["subset"] == 500
+    assert info["test_sets"] == {"test": "test_2016_flickr"}
+    assert "WARNING: skipping test set test_2017_mscoco" in log and "--no-download" in log
 
     def original(name):
         with gzip.open(MULTI30K_DIR / name, "rt", encoding="utf-8") as f:
@@ -308,9 +328,24 @@ def test_multi30k_subset(tgt, tmp_path):
     assert lines(out / "raw/valid.en") == original("val.en.gz")
 
 
+def write_gz(path: Path, lines_: list[str]):
+    path.write_bytes(gzip.compress(("\n".join(lines_) + "\n").encode(), mtime=0))
+
+
+def multi30k_test_set(rng: random.Random, n: int) -> tuple[list[str], list[str]]:
+    """A test set as a reference is: odd spaces, an empty line, a 300-word and a repeated caption."""
+    en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+    en[1], en[2], en[4] = "", " ".join(["long"] * 300), en[3]
+    de = [" ".join(translate(s.split(), "de")) for s in en]
+    de[0] = " \t" + de[0].replace(" ", "  ") + " "
+    return en, de
+
+
 @pytest.mark.slow
 def test_multi30k_recipe_on_synthetic_files(tmp_path):
-    """Multi30k's layout (and the cleaning) without the real data: always runs."""
+    """Multi30k's layout (and the cleaning) without the real data: always runs. Three of the four
+    test sets are there; the fourth cannot be downloaded and is skipped. A second run that names the
+    test sets re-binarises without retraining sentencepiece."""
     raw = tmp_path / "raw"
     raw.mkdir()
     rng = random.Random(7)
@@ -318,15 +353,38 @@ def test_multi30k_recipe_on_synthetic_files(tmp_path):
     for split, en, de in (("train", corpus.en, corpus.xx), ("val", corpus.en[:20], corpus.xx[:20]),
                           ("test_2016_flickr", corpus.en[:15], corpus.xx[:15])):  # fmt: skip
         for lang, text in (("en", en), ("de", de)):
-            (raw / f"{split}.{lang}.gz").write_bytes(gzip.compress(("\n".join(text) + "\n").encode(), mtime=0))
+            write_gz(raw / f"{split}.{lang}.gz", text)
+    tests = {"test_2017_flickr": multi30k_test_set(rng, 9), "test_2017_mscoco": multi30k_test_set(rng, 7)}
+    for name, (en, de) in tests.items():
+        write_gz(raw / f"{name}.en.gz", en)
+        write_gz(raw / f"{name}.de.gz", de)
     out = tmp_path / "out"
-    ok(run_recipe(M30K, "--tgt", "de", "--raw-dir", raw, "--out", out, "--vocab-size", 100,
-                  "--ratio", 1.5, "--workers", 1))  # fmt: skip
+    env = prep_env(MULTI30K_URL=f"file://{tmp_path}/nowhere")  # offline: the download fails at once
+    log = ok(run_recipe(M30K, "--tgt", "de", "--raw-dir", raw, "--out", out, "--vocab-size", 100,
+                        "--ratio", 1.5, "--workers", 1, env=env))  # fmt: skip
     assert list(zip(lines(out / "raw/train.en"), lines(out / "raw/train.de"), strict=True)) == corpus.good
     assert len(lines(out / "raw/test.en")) == 15  # test: nothing dropped
     assert len(lines(out / "raw/valid.en")) == 20 - 4  # valid: empty x2, whitespace-only, too long dropped
     info = json.loads((out / "prep.json").read_text())
     assert info["train_pairs"] == N_GOOD and (out / "data-bin/test.en-de.de.bin").is_file()
+    assert info["test_sets"] == {"test": "test_2016_flickr", "test1": "test_2017_flickr", "test2": "test_2017_mscoco"}
+    assert "WARNING: skipping test set test_2018_flickr: download failed" in log
+    for split, name in (("test1", "test_2017_flickr"), ("test2", "test_2017_mscoco")):
+        en, de = tests[name]
+        assert lines(out / f"raw/{split}.en") == en  # the empty, long and repeated captions stay
+        assert lines(out / f"raw/{split}.de") == [" ".join(s.split()) for s in de]  # whitespace normalised
+        assert info["test_set_pairs"][name] == len(en)
+    check_layout(out, "en", "de", N_GOOD, 16, {"test": 15, "test1": 9, "test2": 7})
+
+    spm_stamp = (out / "spm/spm.model").stat().st_mtime_ns
+    log = ok(run_recipe(M30K, "--tgt", "de", "--raw-dir", raw, "--out", out, "--vocab-size", 100, "--ratio", 1.5,
+                        "--workers", 1, "--no-download", "--test-sets", "test_2017_mscoco,test_2016_flickr"))  # fmt: skip
+    assert "WARNING" not in log and "training a joint sentencepiece" not in log
+    assert (out / "spm/spm.model").stat().st_mtime_ns == spm_stamp
+    info = check_layout(out, "en", "de", N_GOOD, 16, {"test": 7, "test1": 15})
+    assert info["test_sets"] == {"test": "test_2017_mscoco", "test1": "test_2016_flickr"}
+    assert lines(out / "raw/test.en") == tests["test_2017_mscoco"][0]
+    assert not list(out.glob("*/test2.*"))  # the earlier third split is gone from raw, spm-encoded, data-bin
 
 
 # ---------------------------------------------------------------- bad input: clear message, non-zero exit
@@ -385,6 +443,8 @@ def test_wmt14_bad_options(tmp_path):
     assert "does not match" in err
     err = failed(run_recipe(WMT, "--pair", "en-de", "--out", tmp_path / "out", "--subset", "many"))
     assert "--subset" in err
+    err = failed(run_recipe(WMT, "--pair", "en-de", "--out", tmp_path / "out", "--test-sets", "newstest2014,newstest2015"))
+    assert "unknown test set 'newstest2015'" in err and "newstest2009" in err
 
 
 def test_missing_fairseq_preprocess(wmt_raw, tmp_path):
@@ -425,3 +485,27 @@ def test_multi30k_missing_file_and_failed_download(tmp_path):
     err = failed(run_recipe(M30K, "--tgt", "de", "--raw-dir", raw, "--out", tmp_path / "out", env=env))
     assert "download failed" in err and "train.en.gz" in err
     assert not list(raw.iterdir())  # no partial file left behind
+
+
+def test_multi30k_test_sets_bad_input(tmp_path):
+    """Unknown, repeated or empty names; a named set missing under --no-download; a set whose two
+    sides differ in length. Each fails with a message that names the problem."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("train", "val", "test_2016_flickr"):
+        for lang in ("en", "de"):
+            write_gz(raw / f"{name}.{lang}.gz", ["a small caption"] * 5)
+    write_gz(raw / "test_2017_mscoco.en.gz", ["a caption"] * 4)
+    write_gz(raw / "test_2017_mscoco.de.gz", ["eine Beschriftung"] * 3)
+
+    def fails(sets: str, match: str):
+        err = failed(run_recipe(M30K, "--tgt", "de", "--raw-dir", raw, "--no-download", "--out", tmp_path / "out",
+                                "--workers", 1, "--test-sets", sets))  # fmt: skip
+        assert match in err, err
+
+    fails("test_2016_flickr,test_2019_flickr", "unknown test set 'test_2019_flickr' in --test-sets (known: test_2016_flickr,")
+    fails("test_2016_flickr,test_2016_flickr", "test set 'test_2016_flickr' given twice")
+    fails("", "--test-sets needs comma-separated set names")
+    fails("test_2016_flickr,", "--test-sets needs comma-separated set names")
+    fails("test_2016_flickr,test_2018_flickr", f"missing archive: {raw}/test_2018_flickr.en.gz (not found and --no-download")
+    fails("test_2017_mscoco", "test set test_2017_mscoco: the en side has 4 lines but the de side has 3")
