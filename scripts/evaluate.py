@@ -1,12 +1,16 @@
-"""Translates a prepared test (or valid) set with fairseq-generate and scores it with sacreBLEU.
+"""Translates prepared test sets (or valid) with fairseq-generate and scores them with sacreBLEU.
 
     python scripts/evaluate.py --data data/multi30k.en-de --checkpoint checkpoints/checkpoint_best.pt
+    python scripts/evaluate.py --data data/multi30k.en-de --checkpoint ... --test-set all --beams 1,5,10
 
 ``--data`` is a folder made by data_prep/prepare-*.sh (data-bin/, spm/spm.model, raw/, prep.json).
 The hypotheses (sentencepiece pieces in fairseq-generate's ``H-`` lines) are put back in corpus order,
 decoded with the data's sentencepiece model and scored, detokenised, against the raw references
-``raw/<split>.<tgt>`` with sacreBLEU's BLEU and chrF (default settings). Writes a JSON summary and the
-decoded hypotheses (one per line) next to it.
+``raw/<split>.<tgt>``: sacreBLEU's BLEU (cased, its default) and chrF, lowercased BLEU, and the
+length ratio. ``--test-set`` picks test sets by name (prep.json maps them to splits test, test1, ...);
+``--beams`` adds a beam-size sweep. Writes one JSON summary, with an entry per set under ``sets``,
+and each set's decoded hypotheses (one per line) next to it; it never replaces an earlier result
+unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -20,14 +24,31 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "fairseq_plugins"
 HYPO_RE = re.compile(r"^H-(\d+)\t([^\t]*)(?:\t(.*))?$")
+SPLIT_RE = re.compile(r"^(valid|test[0-9]*)$")
+# the test set of split "test" in folders prepared before prep.json named its test sets
+LEGACY_TEST_SET = {"multi30k": "test_2016_flickr", "wmt14": "newstest2014"}
+LOWERCASE_NOTE = (
+    "bleu_lowercase: sacreBLEU BLEU on lowercased text (sacrebleu -lc), because much of the Multi30k "
+    "literature reports it; not comparable with the cased bleu, which is sacreBLEU's default"
+)
 
 
 class EvalError(Exception):
     """A problem with the user's input: reported as one message, without a traceback."""
+
+
+class Setup(NamedTuple):
+    """What every fairseq-generate run of one evaluation shares."""
+
+    args: argparse.Namespace
+    data: Path
+    src: str
+    tgt: str
 
 
 # ---------------------------------------------------------------- pure pieces (unit-tested)
@@ -100,23 +121,31 @@ def read_lines(path) -> list[str]:
 
 
 def score_lines(hypotheses: list[str], references: list[str]) -> dict:
-    """Corpus BLEU and chrF (sacreBLEU defaults) of detokenised hypotheses against one reference each."""
+    """Corpus BLEU (cased and lowercased) and chrF, sacreBLEU defaults otherwise, of detokenised
+    hypotheses against one reference each; with BLEU's length ratio (hypothesis / reference tokens)."""
     from sacrebleu.metrics import BLEU, CHRF
 
     if len(hypotheses) != len(references):
         raise EvalError(f"{len(hypotheses)} hypotheses but {len(references)} references: counts must match")
     if not references:
         raise EvalError("nothing to score: no references")
-    bleu, chrf = BLEU(), CHRF()
+    bleu, chrf, bleu_lc = BLEU(), CHRF(), BLEU(lowercase=True)
     b = bleu.corpus_score(hypotheses, [references])
     c = chrf.corpus_score(hypotheses, [references])
+    lc = bleu_lc.corpus_score(hypotheses, [references])
     return {
         "bleu": b.score,
         "chrf": c.score,
+        "bleu_lowercase": lc.score,
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
+        "bleu_lowercase_signature": str(bleu_lc.get_signature()),
         "bleu_verbose": str(b),
         "chrf_verbose": str(c),
+        "bleu_lowercase_verbose": str(lc),
+        "length_ratio": b.sys_len / b.ref_len if b.ref_len else None,
+        "hyp_len": b.sys_len,
+        "ref_len": b.ref_len,
         "n_sentences": len(references),
     }
 
@@ -148,10 +177,11 @@ def find_generate() -> str:
     return found
 
 
-def read_prep(data: Path, args) -> tuple[str, str]:
-    src, tgt = args.source_lang, args.target_lang
+def read_prep(data: Path, args) -> tuple[str, str, dict]:
+    """Source and target language (the options, else prep.json) and prep.json's contents ({} if none)."""
+    src, tgt, info = args.source_lang, args.target_lang, {}
     prep = data / "prep.json"
-    if (src is None or tgt is None) and prep.is_file():
+    if prep.is_file():
         try:
             info = json.loads(prep.read_text())
         except (OSError, ValueError) as e:
@@ -159,15 +189,49 @@ def read_prep(data: Path, args) -> tuple[str, str]:
         src, tgt = src or info.get("src"), tgt or info.get("tgt")
     if not src or not tgt:
         raise EvalError(f"{prep} not found: give --source-lang and --target-lang")
-    return src, tgt
+    return src, tgt, info
 
 
-def generate_command(args, data_bin: Path, src: str, tgt: str) -> list[str]:
+def prepared_test_sets(info: dict) -> dict[str, str]:
+    """Split -> test set name, as prep.json records it."""
+    if info.get("test_sets"):
+        return dict(info["test_sets"])
+    return {"test": LEGACY_TEST_SET.get(info.get("corpus"), "test")}
+
+
+def select_sets(args, info: dict, data: Path) -> list[tuple[str, str]]:
+    """The (set name, split) pairs to score, in order: --test-set's, else the one --split."""
+    prepared = prepared_test_sets(info)
+    if not args.test_set:
+        split = args.split or "test"
+        return [(prepared.get(split, split), split)]
+    if args.split is not None:
+        raise EvalError("give --test-set or --split, not both")
+    names = [n.strip() for value in args.test_set for n in value.split(",")]
+    if "all" in names:
+        if names != ["all"]:
+            raise EvalError(f"--test-set all cannot be combined with other names (got {','.join(names)})")
+        return [(name, split) for split, name in prepared.items()]
+    by_name = {name: split for split, name in prepared.items()}
+    known = ", ".join(by_name)
+    chosen = []
+    for name in names:
+        if name not in by_name:
+            raise EvalError(
+                f"test set {name!r} is not prepared in {data} (prep.json has: {known}); prepare it with data_prep/prepare-*.sh --test-sets"
+            )
+        if any(name == n for n, _ in chosen):
+            raise EvalError(f"test set {name!r} given twice in --test-set")
+        chosen.append((name, by_name[name]))
+    return chosen
+
+
+def generate_command(args, data_bin: Path, src: str, tgt: str, split: str, beam: int) -> list[str]:
     cmd = [
         find_generate(), str(data_bin), "--user-dir", str(PLUGIN_DIR), "--task", args.task,
-        "--path", str(args.checkpoint), "--gen-subset", args.split,
+        "--path", str(args.checkpoint), "--gen-subset", split,
         "--source-lang", src, "--target-lang", tgt,
-        "--beam", str(args.beam), "--nbest", "1", "--lenpen", str(args.lenpen),
+        "--beam", str(beam), "--nbest", "1", "--lenpen", str(args.lenpen),
         "--max-len-a", str(args.max_len_a), "--max-len-b", str(args.max_len_b),
         # batches of any size: with the default multiple of 8, fairseq-fixed 0.12.3.1 here drops the
         # remainder batch (up to 7 sentences) of the split; generation gains nothing from the multiple
@@ -201,33 +265,154 @@ def run_generate(cmd: list[str]) -> str:
 # ---------------------------------------------------------------- CLI
 
 
+def positive_int(text: str) -> int:
+    if not re.fullmatch(r"[1-9][0-9]*", text.strip()):
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
+    return int(text)
+
+
+def beam_list(text: str) -> list[int]:
+    beams = [positive_int(b) for b in text.split(",")]
+    if len(set(beams)) != len(beams):
+        raise argparse.ArgumentTypeError(f"a beam size is given twice in {text!r}")
+    return beams
+
+
+def split_name(text: str) -> str:
+    if not SPLIT_RE.match(text):
+        raise argparse.ArgumentTypeError(f"a fairseq split is valid, test, test1, test2, ... (got {text!r})")
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, type=Path, help="a folder made by data_prep/prepare-*.sh")
     p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--split", default="test", choices=["test", "valid"])
-    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--split", default=None, type=split_name, help="the fairseq split to score (default test)")
+    p.add_argument("--test-set", action="append", default=[], metavar="NAME[,NAME...]|all",
+                   help="test sets by name (prep.json maps names to splits), or all of them; repeatable")  # fmt: skip
+    p.add_argument("--beam", type=positive_int, default=5, help="the beam of the main scores (default 5)")
+    p.add_argument("--beams", type=beam_list, default=None, metavar="B1,B2,...",
+                   help="also decode each set at these beam sizes (BLEU, chrF, length ratio at each)")  # fmt: skip
     p.add_argument("--lenpen", type=float, default=1.0)
     p.add_argument("--max-len-a", type=float, default=1.2)
     p.add_argument("--max-len-b", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default 64)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per batch, instead of --batch-size")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="sentences per batch (default 64)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="tokens per batch, instead of --batch-size")
     p.add_argument("--task", default="translation_soft_beam", help="fairseq task (e.g. translation)")
     p.add_argument("--cpu", action="store_true", help="generate on the CPU")
     p.add_argument("--source-lang", default=None, help="default: from DATA/prep.json")
     p.add_argument("--target-lang", default=None, help="default: from DATA/prep.json")
     p.add_argument("--output", type=Path, default=None,
-                   help="JSON summary (default: CHECKPOINT_STEM.SPLIT.eval.json next to the checkpoint); "
-                        "the hypotheses go to the same name with .hyp.txt")  # fmt: skip
+                   help="JSON summary (default: CHECKPOINT_STEM.SPLIT.eval.json next to the checkpoint, with "
+                        "--test-set CHECKPOINT_STEM.NAMES.eval.json); hypotheses go to the same name with "
+                        "[.SET][.beamB].hyp.txt (.SET with more than one set, .beamB for --beams other than --beam)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result at the same paths")
     p.add_argument("--extra", action="append", default=[], metavar="ARGS",
                    help="more fairseq-generate arguments in one string (repeatable): --extra='--fp16'")  # fmt: skip
     return p.parse_args(argv)
 
 
-def output_paths(args) -> tuple[Path, Path, Path]:
-    out = args.output or args.checkpoint.with_name(f"{args.checkpoint.stem}.{args.split}.eval.json")
+def output_paths(args, sets: list[tuple[str, str]]) -> tuple[Path, dict]:
+    """The JSON summary and, per (set, beam), its hypotheses and fairseq-generate output files."""
+    if args.test_set:
+        label = "all" if args.test_set == ["all"] else "+".join(name for name, _ in sets)
+    else:
+        label = sets[0][1]
+    out = args.output or args.checkpoint.with_name(f"{args.checkpoint.stem}.{label}.eval.json")
     stem = out.with_suffix("") if out.suffix == ".json" else out
-    return out, Path(f"{stem}.hyp.txt"), Path(f"{stem}.generate.txt")
+    files = {}
+    for name, _ in sets:
+        for beam in beams_to_decode(args):
+            tag = (f".{name}" if len(sets) > 1 else "") + (f".beam{beam}" if beam != args.beam else "")
+            files[(name, beam)] = Path(f"{stem}{tag}.hyp.txt"), Path(f"{stem}{tag}.generate.txt")
+    return out, files
+
+
+def beams_to_decode(args) -> list[int]:
+    return [args.beam] + [b for b in args.beams or [] if b != args.beam]
+
+
+def refuse_overwrite(out_json: Path, files: dict, overwrite: bool) -> None:
+    """An earlier result (its JSON or hypotheses) is never replaced silently."""
+    if overwrite:
+        return
+    existing = [p for p in (out_json, *(hyp for hyp, _ in files.values())) if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more of its files)" if len(existing) > 1 else ""
+        raise EvalError(
+            f"{existing[0]} already exists{more}: an earlier result; pass --overwrite to replace it, or --output to write elsewhere"
+        )
+
+
+def check_data(data: Path, tgt: str, sets: list[tuple[str, str]]) -> dict[str, Path]:
+    """Fails before any decoding unless the folder has what every set needs; returns the references."""
+    hint = f"(is {data} a folder made by data_prep/prepare-*.sh?)"
+    for path, what in ((data / "data-bin" / f"dict.{tgt}.txt", "fairseq data (data-bin)"),
+                       (data / "spm" / "spm.model", "sentencepiece model")):  # fmt: skip
+        if not path.is_file():
+            raise EvalError(f"{what} not found: {path} {hint}")
+    refs = {}
+    for name, split in sets:
+        refs[name] = data / "raw" / f"{split}.{tgt}"
+        if not refs[name].is_file():
+            raise EvalError(f"reference of {name} (split {split}) not found: {refs[name]} {hint}")
+    return refs
+
+
+def decode(setup: Setup, split: str, beam: int, ref_file: Path, n_refs: int, paths) -> list[str]:
+    """Runs fairseq-generate on one split at one beam; writes and returns the detokenised hypotheses."""
+    hyp_file, gen_file = paths
+    stdout = run_generate(generate_command(setup.args, setup.data / "data-bin", setup.src, setup.tgt, split, beam))
+    gen_file.parent.mkdir(parents=True, exist_ok=True)
+    gen_file.write_text(stdout, encoding="utf-8")
+    try:
+        pieces = parse_generate_output(stdout, expected=n_refs)
+    except EvalError as e:
+        raise EvalError(f"{e} ({ref_file}; fairseq-generate output: {gen_file})") from None
+    hypotheses = decode_pieces(pieces, setup.data / "spm" / "spm.model")
+    with open(hyp_file, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(h + "\n" for h in hypotheses)
+    return hypotheses
+
+
+def evaluate_set(setup: Setup, name: str, split: str, ref_file: Path, files: dict) -> dict:
+    """One set's entry: the scores at --beam, and with --beams a sweep of BLEU, chrF and length ratio."""
+    args, references = setup.args, read_lines(ref_file)
+    by_beam = {}
+    for beam in beams_to_decode(args):
+        hyps = decode(setup, split, beam, ref_file, len(references), files[(name, beam)])
+        by_beam[beam] = score_lines(hyps, references)
+    hyp_file, gen_file = files[(name, args.beam)]
+    entry = {
+        "test_set": name,
+        "split": split,
+        "beam": args.beam,
+        **by_beam[args.beam],
+        "bleu_lowercase_note": LOWERCASE_NOTE,
+        "hypotheses_file": str(hyp_file.resolve()),
+        "references_file": str(ref_file.resolve()),
+        "generate_output": str(gen_file.resolve()),
+    }
+    if args.beams:
+        entry["beam_sweep"] = [
+            {"beam": b, **{k: by_beam[b][k] for k in ("bleu", "chrf", "length_ratio", "hyp_len", "ref_len")},
+             "hypotheses_file": str(files[(name, b)][0].resolve())}
+            for b in args.beams
+        ]  # fmt: skip
+    report_set(entry)
+    return entry
+
+
+def report_set(entry: dict) -> None:
+    print(f"== {entry['test_set']} (split {entry['split']}, {entry['n_sentences']} sentences, beam {entry['beam']})")
+    print(f"{entry['bleu_verbose']} (signature: {entry['bleu_signature']})")
+    print(f"{entry['chrf_verbose']} (signature: {entry['chrf_signature']})")
+    print(f"lowercased {entry['bleu_lowercase_verbose']} (signature: {entry['bleu_lowercase_signature']})")
+    for point in entry.get("beam_sweep", []):
+        ratio = "n/a" if point["length_ratio"] is None else f"{point['length_ratio']:.3f}"
+        print(f"  beam {point['beam']:>3}: BLEU {point['bleu']:6.2f}  chrF {point['chrf']:6.2f}  length ratio {ratio}")
+    print(f"hypotheses: {entry['hypotheses_file']}")
 
 
 def evaluate(args) -> dict:
@@ -236,46 +421,35 @@ def evaluate(args) -> dict:
         raise EvalError(f"data folder not found: {data}")
     if not args.checkpoint.is_file():
         raise EvalError(f"checkpoint not found: {args.checkpoint}")
-    src, tgt = read_prep(data, args)
-    data_bin, spm_model, ref_file = data / "data-bin", data / "spm" / "spm.model", data / "raw" / f"{args.split}.{tgt}"
-    for path, what in ((data_bin / f"dict.{tgt}.txt", "fairseq data (data-bin)"),
-                       (spm_model, "sentencepiece model"), (ref_file, "reference")):  # fmt: skip
-        if not path.is_file():
-            raise EvalError(f"{what} not found: {path} (is {data} a folder made by data_prep/prepare-*.sh?)")
-    references = read_lines(ref_file)
-    out_json, hyp_file, gen_file = output_paths(args)
+    src, tgt, info = read_prep(data, args)
+    sets = select_sets(args, info, data)
+    refs = check_data(data, tgt, sets)
+    out_json, files = output_paths(args, sets)
+    refuse_overwrite(out_json, files, args.overwrite)
 
-    stdout = run_generate(generate_command(args, data_bin, src, tgt))
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    gen_file.write_text(stdout, encoding="utf-8")
-    try:
-        pieces = parse_generate_output(stdout, expected=len(references))
-    except EvalError as e:
-        raise EvalError(f"{e} ({ref_file}; fairseq-generate output: {gen_file})") from None
-    hypotheses = decode_pieces(pieces, spm_model)
-    with open(hyp_file, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(h + "\n" for h in hypotheses)
-    scores = score_lines(hypotheses, references)
+    setup = Setup(args, data, src, tgt)
+    entries = {name: evaluate_set(setup, name, split, refs[name], files) for name, split in sets}
+    first = entries[sets[0][0]]
     result = {
-        **scores,
+        # the first set's scores at the top level: the layout of a one-set result, which scripts read
+        **{k: v for k, v in first.items() if k != "beam_sweep"},
         "checkpoint": str(args.checkpoint.resolve()),
         "data": str(data.resolve()),
-        "split": args.split,
         "src": src,
         "tgt": tgt,
         "beam": args.beam,
+        "beams": args.beams,
         "lenpen": args.lenpen,
         "max_len_a": args.max_len_a,
         "max_len_b": args.max_len_b,
         "task": args.task,
-        "hypotheses_file": str(hyp_file.resolve()),
-        "references_file": str(ref_file.resolve()),
-        "generate_output": str(gen_file.resolve()),
+        "sets": entries,
     }
-    out_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"{scores['bleu_verbose']} (signature: {scores['bleu_signature']})")
-    print(f"{scores['chrf_verbose']} (signature: {scores['chrf_signature']})")
-    print(f"{len(hypotheses)} sentences; hypotheses: {hyp_file}; summary: {out_json}")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_json.with_name(out_json.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_json)
+    print(f"summary: {out_json} ({len(entries)} set(s): {', '.join(entries)})")
     return result
 
 
@@ -283,10 +457,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         evaluate(args)
-    except EvalError as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
+    except (EvalError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -122,15 +122,20 @@ def test_parse_generate_output_errors():
 # ---------------------------------------------------------------- the CLI
 
 
-def make_data_dir(root: Path, spm_model: Path, refs: list[str]) -> Path:
-    """The parts of a prepared folder that evaluate.py reads."""
+def make_data_dir(root: Path, spm_model: Path, refs: list[str], tests: dict | None = None) -> Path:
+    """The parts of a prepared folder that evaluate.py reads; TESTS: split -> (set name, references)."""
     (root / "raw").mkdir(parents=True)
     (root / "spm").mkdir()
     (root / "data-bin").mkdir()
     (root / "raw/test.de").write_text("\n".join(refs) + "\n")
     (root / "spm/spm.model").write_bytes(spm_model.read_bytes())
     (root / "data-bin/dict.de.txt").write_text("▁a 1\n")
-    (root / "prep.json").write_text(json.dumps({"src": "en", "tgt": "de", "corpus": "test"}))
+    prep = {"src": "en", "tgt": "de", "corpus": "test"}
+    if tests:
+        prep["test_sets"] = {split: name for split, (name, _) in tests.items()}
+        for split, (_, lines) in tests.items():
+            (root / f"raw/{split}.de").write_text("\n".join(lines) + "\n")
+    (root / "prep.json").write_text(json.dumps(prep))
     return root
 
 
@@ -141,6 +146,23 @@ def fake_generate(path: Path, output: str) -> Path:
                     f'cat "{path.parent}/generate.out"\n')  # fmt: skip
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
+
+
+def fake_generate_by(folder: Path, outputs: dict) -> Path:
+    """A stand-in fairseq-generate that prints OUTPUTS[(gen-subset, beam)] and logs each call."""
+    for (split, beam), output in outputs.items():
+        (folder / f"gen.{split}.{beam}.out").write_text(output)
+    path = folder / "fake-generate-by"
+    path.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{folder}/generate.calls"\n'
+                    'while (($#)); do case $1 in --gen-subset) s=$2 ;; --beam) b=$2 ;; esac; shift; done\n'
+                    f'cat "{folder}/gen.$s.$b.out"\n')  # fmt: skip
+    path.chmod(0o755)
+    return path
+
+
+def calls(folder: Path) -> list[str]:
+    log = folder / "generate.calls"
+    return log.read_text().splitlines() if log.is_file() else []
 
 
 def run_cli(*args, env=None) -> subprocess.CompletedProcess:
@@ -169,9 +191,12 @@ def test_cli_with_stand_in_generate(spm_model, tmp_path):
     assert evaluate.read_lines(result["hypotheses_file"]) == hyps  # detokenised, corpus order
     assert Path(result["hypotheses_file"]).parent == out_json.parent
     keys = ("bleu", "chrf", "bleu_signature", "chrf_signature", "bleu_verbose", "checkpoint", "data", "split",
-            "beam", "lenpen", "max_len_a", "max_len_b", "task", "n_sentences", "hypotheses_file")  # fmt: skip
+            "beam", "lenpen", "max_len_a", "max_len_b", "task", "n_sentences", "hypotheses_file", "bleu_lowercase",
+            "length_ratio", "sets")  # fmt: skip
     assert set(keys) <= set(result), set(keys) - set(result)
     assert (result["split"], result["beam"], result["task"], result["n_sentences"]) == ("test", 4, "translation", 4)
+    assert list(result["sets"]) == ["test"] and result["sets"]["test"]["bleu"] == result["bleu"]  # no names: legacy
+    assert "beam_sweep" not in result["sets"]["test"] and result["beams"] is None
 
     args = (tmp_path / "generate.args").read_text().split("\n")
     assert args[0] == str(data / "data-bin")
@@ -181,6 +206,95 @@ def test_cli_with_stand_in_generate(spm_model, tmp_path):
                         ("--required-batch-size-multiple", "1")):  # fmt: skip
         assert args[args.index(flag) + 1] == value, flag
     assert "--cpu" in args and "--fp16" in args and args[args.index("--seed") + 1] == "3"
+
+
+MSCOCO = ["Ein Hund rennt im Park.", "Zwei Frauen lesen ein Buch.", "Das Kind spielt Fußball."]
+
+
+def sweep_setup(spm_model, tmp_path):
+    """Two prepared test sets and, for each split and beam 1 and 4, different hypotheses."""
+    data = make_data_dir(tmp_path / "data", spm_model, SENTENCES,
+                         tests={"test": ("test_2016_flickr", SENTENCES), "test1": ("test_2017_mscoco", MSCOCO)})  # fmt: skip
+    ckpt = tmp_path / "ckpts/checkpoint_best.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    hyps = {
+        ("test", 4): SENTENCES[:3] + ["Das Kind sagte hallo."],
+        ("test", 1): ["Ein Mann fährt.", "Zwei Männer spielen Fußball.", "Eine Frau liest.", "Hallo."],
+        ("test1", 4): ["ein hund rennt im park.", "Zwei Frauen lesen ein Buch über Ägypten.", "Das Kind spielt."],
+        ("test1", 1): ["Ein Hund.", "Zwei Frauen.", "Das Kind."],
+    }
+    outputs = {key: generate_output(evaluate.encode_pieces(h, spm_model), list(range(len(h)))) for key, h in hyps.items()}
+    return data, ckpt, hyps, fake_generate_by(tmp_path, outputs)
+
+
+def expected_scores(hyps: list[str], refs: list[str]) -> dict:
+    bleu = sacrebleu.corpus_bleu(hyps, [refs])
+    return {"bleu": bleu.score, "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+            "bleu_lowercase": sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score,
+            "length_ratio": bleu.sys_len / bleu.ref_len}  # fmt: skip
+
+
+def test_cli_all_test_sets_and_beam_sweep(spm_model, tmp_path):
+    data, ckpt, hyps, gen = sweep_setup(spm_model, tmp_path)
+    proc = run_cli("--data", data, "--checkpoint", ckpt, "--task", "translation", "--beam", 4, "--beams", "1,4",
+                   "--test-set", "all", env={"FAIRSEQ_GENERATE": str(gen)})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "ckpts/checkpoint_best.all.eval.json").read_text())
+    refs = {"test": SENTENCES, "test1": MSCOCO}
+    assert list(result["sets"]) == ["test_2016_flickr", "test_2017_mscoco"]
+    for (name, entry), split in zip(result["sets"].items(), ("test", "test1")):
+        assert (entry["test_set"], entry["split"], entry["beam"], entry["n_sentences"]) == (name, split, 4, len(refs[split]))
+        want = expected_scores(hyps[(split, 4)], refs[split])
+        assert {k: entry[k] for k in want} == want, name
+        assert entry["bleu_lowercase"] != entry["bleu"] or split == "test"  # test1's beam-4 output is lowercased
+        assert "case:lc" in entry["bleu_lowercase_signature"] and "Multi30k" in entry["bleu_lowercase_note"]
+        assert evaluate.read_lines(entry["hypotheses_file"]) == hyps[(split, 4)]
+        assert entry["hypotheses_file"].endswith(f"checkpoint_best.all.eval.{name}.hyp.txt")
+        sweep = entry["beam_sweep"]
+        assert [p["beam"] for p in sweep] == [1, 4]
+        for point in sweep:
+            want = expected_scores(hyps[(split, point["beam"])], refs[split])
+            assert {k: point[k] for k in ("bleu", "chrf", "length_ratio")} == {k: want[k] for k in ("bleu", "chrf", "length_ratio")}
+            assert evaluate.read_lines(point["hypotheses_file"]) == hyps[(split, point["beam"])]
+        assert sweep[0]["bleu"] != sweep[1]["bleu"] and sweep[0]["hypotheses_file"].endswith(f".{name}.beam1.hyp.txt")
+    # the top level is the first set, as a one-set result; each (split, beam) decoded once
+    assert result["test_set"] == "test_2016_flickr" and result["bleu"] == result["sets"]["test_2016_flickr"]["bleu"]
+    assert result["beams"] == [1, 4]
+    decoded = sorted((c.split("--gen-subset ")[1].split()[0], c.split("--beam ")[1].split()[0]) for c in calls(tmp_path))
+    assert decoded == [("test", "1"), ("test", "4"), ("test1", "1"), ("test1", "4")]
+    assert "== test_2017_mscoco (split test1, 3 sentences, beam 4)" in proc.stdout and "beam   1: BLEU" in proc.stdout
+
+    # one set by name: its own default file names, no sweep
+    proc = run_cli("--data", data, "--checkpoint", ckpt, "--task", "translation", "--beam", 4,
+                   "--test-set", "test_2017_mscoco", env={"FAIRSEQ_GENERATE": str(gen)})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "ckpts/checkpoint_best.test_2017_mscoco.eval.json").read_text())
+    assert list(result["sets"]) == ["test_2017_mscoco"] and result["split"] == "test1"
+    assert result["bleu"] == expected_scores(hyps[("test1", 4)], MSCOCO)["bleu"]
+    assert result["hypotheses_file"].endswith("checkpoint_best.test_2017_mscoco.eval.hyp.txt")
+
+
+def test_cli_refuses_to_overwrite_a_result(spm_model, tmp_path):
+    data, ckpt, hyps, gen = sweep_setup(spm_model, tmp_path)
+    args = ("--data", data, "--checkpoint", ckpt, "--task", "translation", "--beam", 4)
+    env = {"FAIRSEQ_GENERATE": str(gen)}
+    assert run_cli(*args, env=env).returncode == 0
+    out = tmp_path / "ckpts/checkpoint_best.test.eval.json"
+    before, n_calls = out.read_bytes(), len(calls(tmp_path))
+
+    proc = run_cli(*args, "--beam", 1, env=env)  # another setting, same paths
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{out} already exists (and 1 more of its files)" in proc.stderr and "--overwrite" in proc.stderr
+    assert out.read_bytes() == before and len(calls(tmp_path)) == n_calls  # refused before decoding
+
+    out.unlink()  # a hypotheses file alone is an earlier result too
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 1 and f"{tmp_path / 'ckpts/checkpoint_best.test.eval.hyp.txt'} already exists" in proc.stderr
+
+    proc = run_cli(*args, "--beam", 1, "--overwrite", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["bleu"] == expected_scores(hyps[("test", 1)], SENTENCES)["bleu"]
 
 
 def test_cli_bad_input(spm_model, tmp_path):
@@ -208,17 +322,44 @@ def test_cli_bad_input(spm_model, tmp_path):
     fails("--data", data, "--checkpoint", ckpt, match="model exploded", env={"FAIRSEQ_GENERATE": str(bad)})
 
 
+def test_cli_bad_test_sets_and_beams(spm_model, tmp_path):
+    data = make_data_dir(tmp_path / "data", spm_model, SENTENCES,
+                         tests={"test": ("test_2016_flickr", SENTENCES), "test1": ("test_2017_mscoco", MSCOCO)})  # fmt: skip
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"x")
+    base = ("--data", data, "--checkpoint", ckpt)
+
+    def fails(*args, match):
+        proc = run_cli(*base, *args, env={"FAIRSEQ_GENERATE": "/bin/false"})
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert match in proc.stderr, proc.stderr
+
+    fails("--test-set", "test_2018_flickr",
+          match=f"test set 'test_2018_flickr' is not prepared in {data} (prep.json has: test_2016_flickr, test_2017_mscoco)")  # fmt: skip
+    fails("--test-set", "test_2017_mscoco,test_2017_mscoco", match="'test_2017_mscoco' given twice")
+    fails("--test-set", "all", "--test-set", "test_2016_flickr", match="--test-set all cannot be combined")
+    fails("--test-set", "all", "--split", "test", match="give --test-set or --split, not both")
+    fails("--split", "train", match="argument --split: a fairseq split is valid, test, test1")
+    fails("--beams", "1,0", match="argument --beams: must be a positive integer (got '0')")
+    fails("--beams", "5,1,5", match="a beam size is given twice")
+    fails("--beam", "-2", match="argument --beam: must be a positive integer")
+    (data / "raw/test1.de").unlink()
+    fails("--test-set", "all", match=f"reference of test_2017_mscoco (split test1) not found: {data}/raw/test1.de")
+
+
 # ---------------------------------------------------------------- end to end, real fairseq
 
 
 @pytest.mark.slow
 def test_evaluate_end_to_end_with_fairseq(tmp_path):
-    """prepare-multi30k.sh on tiny synthetic files, one training update, real fairseq-generate."""
+    """prepare-multi30k.sh on tiny synthetic files with two of the test sets, one training update,
+    real fairseq-generate on both splits (test, test1). (The beam sweep's runs differ only in --beam:
+    the stand-in tests above check it.)"""
     rng = random.Random(5)
     letters = "abcdefghij"
     raw = tmp_path / "raw"
     raw.mkdir()
-    for split, n in (("train", 80), ("val", 10), ("test_2016_flickr", 12)):
+    for split, n in (("train", 80), ("val", 10), ("test_2016_flickr", 12), ("test_2017_mscoco", 7)):
         en = [" ".join(rng.choice(letters) for _ in range(rng.randint(3, 7))) for _ in range(n)]
         de = [" ".join(w.upper() for w in reversed(s.split())) for s in en]
         for lang, text in (("en", en), ("de", de)):
@@ -234,12 +375,15 @@ def test_evaluate_end_to_end_with_fairseq(tmp_path):
     out_json = tmp_path / "eval/result.json"
     log = run([sys.executable, ROOT / "scripts/evaluate.py", "--data", data, "--checkpoint",
                save / "checkpoint_last.pt", "--task", "translation", "--cpu", "--beam", 2, "--max-len-b", 3,
-               "--output", out_json])  # fmt: skip
+               "--output", out_json, "--test-set", "all"])  # fmt: skip
     result = json.loads(out_json.read_text())
-    hyps = evaluate.read_lines(result["hypotheses_file"])
-    refs = evaluate.read_lines(data / "raw/test.de")
-    assert result["n_sentences"] == len(hyps) == len(refs) == 12
-    assert result["bleu"] == sacrebleu.corpus_bleu(hyps, [refs]).score
-    assert result["chrf"] == sacrebleu.corpus_chrf(hyps, [refs]).score
+    assert list(result["sets"]) == ["test_2016_flickr", "test_2017_mscoco"]
+    for name, split, n in (("test_2016_flickr", "test", 12), ("test_2017_mscoco", "test1", 7)):
+        entry = result["sets"][name]
+        hyps = evaluate.read_lines(entry["hypotheses_file"])
+        refs = evaluate.read_lines(data / f"raw/{split}.de")
+        assert entry["n_sentences"] == len(hyps) == len(refs) == n
+        assert entry["bleu"] == sacrebleu.corpus_bleu(hyps, [refs]).score
+        assert entry["chrf"] == sacrebleu.corpus_chrf(hyps, [refs]).score
     assert "signature: nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in log
-    assert Path(result["hypotheses_file"]) == tmp_path / "eval/result.hyp.txt"
+    assert Path(result["hypotheses_file"]) == tmp_path / "eval/result.test_2016_flickr.hyp.txt"
