@@ -1,5 +1,6 @@
 """soft-beam's fairseq ``--user-dir``: registers the ``translation_soft_beam`` task and the
-``soft_beam`` criterion, and fixes three faults of fairseq-fixed 0.12.3.1 under current torch (see ``compat``)."""
+``soft_beam`` criterion, fixes faults of fairseq-fixed 0.12.3.1 under current torch, makes its
+checkpoint writes survive a kill, and checks settings and checkpoints at the door (see ``compat``)."""
 
 from . import compat
 
