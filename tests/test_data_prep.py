@@ -106,6 +106,27 @@ def _sgm(segs: list[str], kind: str, lang: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def build_dev_archive(raw: Path, rng: random.Random, expect: dict) -> None:
+    """dev.tgz: newstest2013 (valid) and newstest2012 (a test set on request), trilingual plain text."""
+    # newstest2013 (valid): trilingual plain text, one empty line that cleaning drops
+    dev_en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(30)]
+    dev_en[4] = ""
+    dev = {lang: [" ".join(translate(s.split(), lang)) for s in dev_en] for lang in ("en", "de", "fr")}
+    # newstest2012 (a test set on request): plain text, not cleaned (empty, 300-word, repeated lines stay)
+    nt12_en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(12)]
+    nt12_en[2], nt12_en[5], nt12_en[6] = "", " ".join(["long"] * 300), nt12_en[4]
+    nt12 = {lang: [" ".join(translate(s.split(), lang)) for s in nt12_en] for lang in ("en", "de", "fr")}
+    _tar(raw / "dev.tgz", {
+        **{f"dev/newstest2013.{lang}": "\n".join(v) + "\n" for lang, v in dev.items()},
+        **{f"dev/newstest2012.{lang}": "\n".join("  " + s.replace(" ", " \t ") for s in v) + "\n"
+           for lang, v in nt12.items()},
+        "dev/newstest2013-src.en.sgm": _sgm(dev["en"], "src", "en"),
+    })  # fmt: skip
+    for xx in ("de", "fr"):
+        expect[xx]["valid"] = {lang: [s for i, s in enumerate(v) if i != 4] for lang, v in dev.items()}
+        expect[xx]["newstest2012"] = nt12
+
+
 def build_wmt_archives(raw: Path) -> dict:
     """All WMT'14 archives both pairs use, tiny; returns what a correct recipe must produce."""
     raw.mkdir(parents=True, exist_ok=True)
@@ -147,23 +168,7 @@ def build_wmt_archives(raw: Path) -> dict:
         "giga-fren.release2.fixed.en.gz": gzip.compress(giga.text("en").encode(), mtime=0),
     })  # fmt: skip
 
-    # newstest2013 (valid): trilingual plain text, one empty line that cleaning drops
-    dev_en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(30)]
-    dev_en[4] = ""
-    dev = {lang: [" ".join(translate(s.split(), lang)) for s in dev_en] for lang in ("en", "de", "fr")}
-    # newstest2012 (a test set on request): plain text, not cleaned (empty, 300-word, repeated lines stay)
-    nt12_en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(12)]
-    nt12_en[2], nt12_en[5], nt12_en[6] = "", " ".join(["long"] * 300), nt12_en[4]
-    nt12 = {lang: [" ".join(translate(s.split(), lang)) for s in nt12_en] for lang in ("en", "de", "fr")}
-    _tar(raw / "dev.tgz", {
-        **{f"dev/newstest2013.{lang}": "\n".join(v) + "\n" for lang, v in dev.items()},
-        **{f"dev/newstest2012.{lang}": "\n".join("  " + s.replace(" ", " \t ") for s in v) + "\n"
-           for lang, v in nt12.items()},
-        "dev/newstest2013-src.en.sgm": _sgm(dev["en"], "src", "en"),
-    })  # fmt: skip
-    for xx in ("de", "fr"):
-        expect[xx]["valid"] = {lang: [s for i, s in enumerate(v) if i != 4] for lang, v in dev.items()}
-        expect[xx]["newstest2012"] = nt12
+    build_dev_archive(raw, rng, expect)
 
     # newstest2014 (test): SGML, not cleaned (empty, long and repeated segments stay)
     test_en = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(25)]
