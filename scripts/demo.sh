@@ -24,9 +24,11 @@ start=$SECONDS
 say() { echo "[demo $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s] $*"; }
 
 raw_args=()
-[[ -d "$RAW" ]] && raw_args=(--raw-dir "$RAW")
+# a local copy is used as it is (--no-download: a read-only folder gets nothing added)
+[[ -d "$RAW" ]] && raw_args=(--raw-dir "$RAW" --no-download)
 say "1/4 preparing Multi30k en-de into $WORK/data"
-bash "$ROOT/data_prep/prepare-multi30k.sh" --tgt de --out "$WORK/data" --vocab-size 8000 --workers 2 "${raw_args[@]}"
+bash "$ROOT/data_prep/prepare-multi30k.sh" --tgt de --out "$WORK/data" --vocab-size 8000 --workers 2 \
+  --test-sets test_2016_flickr "${raw_args[@]}"
 
 say "2/4 MLE training, $MLE_UPDATES updates"
 if [[ ! -f "$WORK/mle/checkpoint_last.pt" ]]; then
@@ -46,6 +48,6 @@ say "4/4 BLEU on test_2016_flickr (beam 5)"
 for arm in mle soft_beam; do
   echo "== $arm"
   python "$ROOT/scripts/evaluate.py" --data "$WORK/data" --checkpoint "$WORK/$arm/checkpoint_last.pt" \
-    --beam 5 --cpu --output "$WORK/$arm.test.json"
+    --beam 5 --cpu --output "$WORK/$arm.test.json" --overwrite
 done
 say "done; scores in $WORK/{mle,soft_beam}.test.json"
