@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from .checks import check_nbest_within_beam
 from .generator import SoftBeamGenerator, check_generation_args
 from .search_options import check_target_dictionary, validated
 
@@ -46,6 +47,7 @@ class TranslationSoftBeamTask(TranslationTask):
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
         check_generation_args(args)
+        check_nbest_within_beam(args)  # (this override does not reach the patched base method)
         if prefix_allowed_tokens_fn is not None:
             raise ValueError("the soft-beam generator does not support prefix_allowed_tokens_fn")
         # fairseq's defaults, as its own build_generator reads them; the length cap is the model's

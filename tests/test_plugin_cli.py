@@ -192,6 +192,8 @@ def test_generator_refuses_unsupported_generation_options(tiny_data_bin, tiny_ch
     _, task, model = load_task_model(tiny_data_bin, tiny_checkpoint)
     with pytest.raises(ValueError, match="does not support --sampling"):
         task.build_generator([model], Namespace(beam=2, sampling=True))
+    with pytest.raises(ValueError, match="^--nbest 3 is above --beam 2"):
+        task.build_generator([model], Namespace(beam=2, nbest=3))
     gen = task.build_generator([model], Namespace(beam=2, max_len_a=1.2, max_len_b=5))
     with pytest.raises(ValueError, match="prefix tokens"):
         gen.generate([model], batches(task)[0], prefix_tokens=torch.zeros(1, 1, dtype=torch.long))
