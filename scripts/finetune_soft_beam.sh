@@ -10,7 +10,7 @@
 #
 # Environment variables (defaults):
 #   BEAM_LOSS=hamming (hamming|risk)  MLE_WEIGHT=0.5 (loss = w*MLE + (1-w)*beam loss)
-#   BEAM_SIZE=4  BEAM_EPSILON=0.01  BEAM_CANDIDATES= (unset: 2k^2)  SEARCH_MAX_LEN_A=1.2  SEARCH_MAX_LEN_B=10
+#   RISK_SHARPNESS=1 (MRT's alpha, --beam-loss risk)  BEAM_SIZE=4  BEAM_EPSILON=0.01 (0: hard search; with risk, MRT)  BEAM_CANDIDATES= (unset: 2k^2)  SEARCH_MAX_LEN_A=1.2  SEARCH_MAX_LEN_B=10
 #   SEARCH_FRACTION=1 (the share of each batch's sentences that the search runs on)
 #   LR=1e-4 (adam, fixed schedule)  WARMUP=0  MAX_TOKENS=4096  MAX_UPDATE=500  SEED=1  CLIP_NORM=1.0
 #   (clipping matters: the soft top-k normalises each step's candidate scores by their range, so
@@ -39,7 +39,7 @@ mkdir -p "$SAVE_DIR"
 set -x
 exec "$FAIRSEQ_TRAIN" "$DATA_DIR/data-bin" --user-dir "$REPO/fairseq_plugins" \
     --task translation_soft_beam --criterion soft_beam --label-smoothing "${LABEL_SMOOTHING:-0.1}" \
-    --beam-loss "${BEAM_LOSS:-hamming}" --mle-weight "${MLE_WEIGHT:-0.5}" \
+    --beam-loss "${BEAM_LOSS:-hamming}" --mle-weight "${MLE_WEIGHT:-0.5}" --risk-sharpness "${RISK_SHARPNESS:-1}" \
     --soft-beam-size "${BEAM_SIZE:-4}" --soft-beam-epsilon "${BEAM_EPSILON:-0.01}" \
     "${CANDIDATES[@]}" --search-fraction "${SEARCH_FRACTION:-1}" \
     --max-len-a "${SEARCH_MAX_LEN_A:-1.2}" --max-len-b "${SEARCH_MAX_LEN_B:-10}" \
