@@ -8,6 +8,7 @@ other: normalisation, masses and the solve are all per row.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,39 +44,37 @@ def _check(scores, k, epsilon, tol, max_iter, max_sinkhorn_iter, on_failure, dim
         raise ValueError(f"k={k} is larger than the number of scores n={n}")
 
 
-def _check_values(x: torch.Tensor, k: int) -> None:
-    # One host sync per call (never per solver iteration): NaN, +inf, and rows with < k finite.
-    bad = torch.stack(
-        [
-            torch.isnan(x).any(),
-            torch.isposinf(x).any(),
-            (torch.isfinite(x).sum(-1) < k).any() if x.numel() else torch.tensor(False, device=x.device),
-        ]
-    ).tolist()
-    if bad[0]:
+def _check_values(x: torch.Tensor, count: torch.Tensor, k: int) -> None:
+    """x (B, n); count (B,): finite entries per row. One host sync per call (never per solver
+    iteration) for NaN, +inf and rows with < k finite: the largest score is NaN if any is (torch's
+    max propagates NaN), else +inf if any is."""
+    if x.numel() == 0:
+        return
+    top, fewest = torch.stack((x.detach().amax(), count.min().to(x.dtype))).tolist()
+    if math.isnan(top):
         raise ValueError("scores contain NaN")
-    if bad[1]:
+    if top == math.inf:
         raise ValueError("scores contain +inf; mask candidates with -inf instead")
-    if bad[2]:
+    if fewest < k:
         raise ValueError(f"a row of scores has fewer than k={k} finite entries (-inf marks a masked entry)")
 
 
-def _normalised_cost(x: torch.Tensor, anchors: torch.Tensor):
-    """x (B, n) with -inf masked; anchors (m,) -> cost (B, n, m), normalised scores z (B, n) in
-    [0, 1] (0 where masked), finite mask (B, n), counts (B,).
+def _normalised_cost(x: torch.Tensor, finite: torch.Tensor, anchors: torch.Tensor):
+    """x (B, n) with -inf masked (checked: no NaN, no +inf, a finite entry per row), finite (B, n);
+    anchors (m,) -> cost (B, n, m) and normalised scores z (B, n) in [0, 1], 0 where masked.
 
     The cost is a transposed view of an anchor-major (B, m, n) tensor: the solver's layout, so
     neither the forward nor the backward copies it across layouts."""
-    finite = torch.isfinite(x)  # (B, n)
+    masked = ~finite  # (B, n)
     # Replace masked entries before any arithmetic so that their gradient is exactly 0, not NaN.
-    safe = torch.where(finite, x, torch.zeros_like(x))
-    hi = safe.masked_fill(~finite, -torch.inf).amax(-1, keepdim=True)  # (B, 1)
-    lo = safe.masked_fill(~finite, torch.inf).amin(-1, keepdim=True)  # (B, 1)
+    safe = x.masked_fill(masked, 0.0)
+    hi = x.amax(-1, keepdim=True)  # (B, 1); a masked -inf is never the largest (and gets no gradient)
+    lo = x.masked_fill(masked, torch.inf).amin(-1, keepdim=True)  # (B, 1)
     span = hi - lo
     span = torch.where(span > 0, span, torch.ones_like(span))  # all-equal row: z = 0 everywhere
-    z = torch.where(finite, (safe - lo) / span, torch.zeros_like(safe))  # (B, n) in [0, 1]
+    z = ((safe - lo) / span).masked_fill(masked, 0.0)  # (B, n) in [0, 1]
     Ct = (anchors.unsqueeze(-1) - z.unsqueeze(-2)) ** 2  # (B, m, n)
-    return Ct.transpose(1, 2), z, finite, finite.sum(-1)
+    return Ct.transpose(1, 2), z
 
 
 def _monotone_potentials(z, finite, anchors, nu, cnt, top):
@@ -89,7 +88,7 @@ def _monotone_potentials(z, finite, anchors, nu, cnt, top):
     z (B, n) in [0, 1], finite (B, n), anchors (m,) decreasing, nu (B, m), cnt (B, 1).
     """
     bounds = torch.round(cnt * nu.cumsum(-1))[:, :-1].long()  # (B, m-1): scores above boundary j
-    zs = torch.where(finite, z, torch.full_like(z, -1.0)).topk(top, dim=-1).values  # (B, top), masked last
+    zs = z.masked_fill(~finite, -1.0).topk(top, dim=-1).values  # (B, top), masked last
     above = zs.gather(1, (bounds - 1).clamp(0, top - 1))  # (B, m-1) last score of anchor j-1
     below = zs.gather(1, bounds.clamp(0, top - 1))  # (B, m-1) first score of anchor j
     below = torch.where(bounds < cnt.long(), below, above - 1.0)  # no score left for anchor j
@@ -97,7 +96,7 @@ def _monotone_potentials(z, finite, anchors, nu, cnt, top):
     a_hi, a_lo = anchors[:-1], anchors[1:]
     # anchor j-1 is preferred at score x iff g_{j-1} - g_j > (x - a_hi)^2 - (x - a_lo)^2; equal at t
     step = (t - a_hi) ** 2 - (t - a_lo) ** 2  # (B, m-1) = g_{j-1} - g_j
-    return torch.cat([torch.zeros_like(t[:, :1]), -step.cumsum(-1)], dim=-1)  # (B, m), g_0 = 0
+    return torch.nn.functional.pad(-step.cumsum(-1), (1, 0))  # (B, m), g_0 = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,10 +136,12 @@ def build_problem(scores: torch.Tensor, k: int, kind: str = "sorted", *, warm_st
         raise ValueError(f"k must be an integer in [1, n={n}], got {k!r}")
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     x = scores.reshape(-1, n).to(dtype)  # (B, n)
-    _check_values(x, k)
+    finite = torch.isfinite(x)  # (B, n)
+    count = finite.sum(-1)  # (B,)
+    _check_values(x, count, k)
     anchors_fn, masses_fn = (_rank_anchors, _rank_masses) if kind == "sorted" else (_two_anchors, _two_masses)
     anchors = anchors_fn(k).to(device=x.device, dtype=dtype)  # (m,)
-    C, z, finite, count = _normalised_cost(x, anchors)  # (B, n, m), (B, n), (B, n), (B,)
+    C, z = _normalised_cost(x, finite, anchors)  # (B, n, m), (B, n)
     cnt = count.to(dtype).unsqueeze(-1)  # (B, 1)
     mu = finite.to(dtype) / cnt  # (B, n)
     nu = masses_fn(k, cnt)  # (B, m)
