@@ -22,7 +22,8 @@ a ``TransportSolution``; ``entropic_transport`` attaches the implicit backward t
 Rows are independent: every decision of the solver (converged, stalled, guarded step, undo, the
 fallbacks) is taken per row, a row that has stopped keeps the values it stopped with, and the
 fallbacks rerun only the rows that need them. So a row's result does not depend on the rows that
-share its batch.
+share its batch: to the bit where its (m, n) block sits equally aligned in memory alone and in
+the batch (torch's CPU gemm, in the Laplacian, rounds by alignment), else to that rounding.
 
 Layout: the entry points take and return (B, n, m), but the solver works on the transposes,
 (B, m, n), so that the softmax and log-sum-exp over the few anchors vectorise along the n sources.

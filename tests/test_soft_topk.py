@@ -283,8 +283,10 @@ def test_a_row_is_solved_the_same_alone_or_next_to_a_hard_row(dtype, max_iter):
     # row (2-3 iterations) gets the same plan and gradient next to a hard one (an outlier squeezes
     # its other scores together: 5-6 iterations, and with max_iter=3 both fallbacks) as alone. The
     # solver that stopped, guarded and fell back for the whole batch changed the easy row by
-    # 6e-6 (float32) and 7e-12 (float64), 2e-4 and 7e-6 with the fallbacks. (Bit-for-bit here:
-    # each row's m n = 160 keeps the vectorised kernels' chunks aligned with rows.)
+    # 6e-6 (float32) and 7e-12 (float64), 2e-4 and 7e-6 with the fallbacks. Bit-for-bit here:
+    # each row's m n = 160 floats keep its block 64-byte aligned alone and in a batch. (MKL's gemm,
+    # in the Laplacian's P Q^T, rounds differently by alignment; with other n a row then differs
+    # by rounding, amplified by 1 / eps: 4e-6 in float32 at n = 200, eps = 0.01; 1e-14 in float64.)
     gen = torch.Generator().manual_seed(3)
     easy = gapped_scores(1, 32, seed=3, dtype=dtype)
     hard = torch.randn(1, 32, generator=gen, dtype=dtype)
