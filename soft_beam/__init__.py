@@ -4,8 +4,8 @@ Imports only torch. See :func:`soft_topk` and :func:`sorted_soft_topk`; :func:`b
 gives the transport problem they solve, and :mod:`soft_beam.ot` the solver.
 """
 
-from .ot import SolverInfo
+from .ot import ConvergenceError, SolverInfo
 from .topk import TopKProblem, build_problem, soft_topk, sorted_soft_topk
 
-__all__ = ["SolverInfo", "TopKProblem", "build_problem", "soft_topk", "sorted_soft_topk"]
+__all__ = ["ConvergenceError", "SolverInfo", "TopKProblem", "build_problem", "soft_topk", "sorted_soft_topk"]
 __version__ = "0.1.0"

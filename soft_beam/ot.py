@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "ConvergenceError",
     "SolverInfo",
     "TransportSolution",
     "default_tolerance",
@@ -70,20 +71,32 @@ class SolverInfo:
     ``marginal_error`` the max over rows and anchors of |P^T 1 / nu - 1|, ``converged`` whether
     every row reached tol, ``method`` the furthest any row went: "newton" (from the starting
     point, or from 0 when none was given), then "+continuation" if the start failed and the
-    eps-continuation ran, "+sinkhorn" if the Sinkhorn fallback ran. The ``row_`` fields hold
-    the same per row (tuples of length B)."""
+    eps-continuation ran, "+sinkhorn" if the Sinkhorn fallback ran; ``unconverged`` the number
+    of rows that missed tol (0 exactly when ``converged``). The ``row_`` fields hold the same
+    per row (tuples of length B)."""
 
     iterations: int
     marginal_error: float
     converged: bool
     method: str
+    unconverged: int = 0
     row_iterations: tuple[int, ...] = field(default=(), repr=False)
     row_marginal_error: tuple[float, ...] = field(default=(), repr=False)
     row_method: tuple[str, ...] = field(default=(), repr=False)
 
     def __str__(self) -> str:
-        state = "converged" if self.converged else "NOT converged"
+        rows = len(self.row_marginal_error)
+        state = "converged" if self.converged else f"NOT converged ({self.unconverged} of {rows} rows)"
         return f"{self.method}: {state} after {self.iterations} iterations, marginal error {self.marginal_error:.2e}"
+
+
+class ConvergenceError(RuntimeError):
+    """A solve missed its tolerance (``on_failure="raise"``, the default). A RuntimeError, not a
+    ValueError: the input was valid, the numerics fell short. ``info``: the SolverInfo."""
+
+    def __init__(self, message: str, info: SolverInfo):
+        super().__init__(message)
+        self.info = info
 
 
 def _neg_cost(Ct: torch.Tensor, eps: float, col_bias: torch.Tensor) -> torch.Tensor:
@@ -551,8 +564,17 @@ class _RowLog:
     def info(self, tol: float) -> SolverInfo:
         total = sum(self.err)  # NaN if any error is (max() would not always say so)
         err = total if total != total else max(self.err, default=0.0)
-        rows = tuple(self.iters), tuple(self.err), tuple(self.method)
-        return SolverInfo(max(self.iters, default=0), float(err), bool(err <= tol), self.furthest, *rows)
+        missed = sum(not e <= tol for e in self.err)  # (a NaN error misses too)
+        return SolverInfo(
+            max(self.iters, default=0),
+            float(err),
+            bool(err <= tol),
+            self.furthest,
+            unconverged=missed,
+            row_iterations=tuple(self.iters),
+            row_marginal_error=tuple(self.err),
+            row_method=tuple(self.method),
+        )
 
 
 def _put_rows(full, rows: list[int], part):
@@ -683,26 +705,39 @@ class _ImplicitGradient(torch.autograd.Function):
         return grad_Ct, None
 
 
-def entropic_transport(C, mu, nu, eps, *, tol=None, max_iter=100, max_sinkhorn_iter=1000, check_every=None, on_failure="warn", g0=None):
+def entropic_transport(C, mu, nu, eps, *, tol=None, max_iter=100, max_sinkhorn_iter=1000, check_every=None, on_failure="raise", g0=None):
     """Optimal entropic plan P (B, n, m) for cost C (B, n, m), masses mu (B, n), nu (B, m).
 
     ``solve_transport`` (same arguments) under no_grad, with the implicit backward attached:
     differentiable in C. Returns (P, SolverInfo). Inputs are assumed validated (see
-    ``soft_beam.topk``). ``on_failure``: "warn", "raise" or "ignore" when a row misses tol. As
-    eps -> 0, P tends to the unregularised optimal plan.
+    ``soft_beam.topk``). ``on_failure``, when a row misses tol: "raise" (default) a
+    ConvergenceError, "warn" (RuntimeWarning) or "ignore"; the latter two return the plan as the
+    solver left it. As eps -> 0, P tends to the unregularised optimal plan.
     """
     tol = default_tolerance(C.dtype) if tol is None else tol
     solution = solve_transport(
         C, mu, nu, eps, tol=tol, max_iter=max_iter, max_sinkhorn_iter=max_sinkhorn_iter, check_every=check_every, g0=g0
     )
+    info = solution.info
+    if not info.converged and on_failure != "ignore":
+        message = _failure_message(info, tol, eps, C.dtype)
+        if on_failure == "raise":
+            raise ConvergenceError(message, info)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     Pt = solution.P  # (B, m, n)
     if C.requires_grad and torch.is_grad_enabled():  # (apply costs ~10 us even when nothing needs it)
         Pt = _ImplicitGradient.apply(C.transpose(1, 2), solution)
-    info = solution.info
-    if not info.converged:
-        message = f"soft top-k: entropic OT solve did not reach tol={tol:g} (eps={eps:g}): {info}"
-        if on_failure == "raise":
-            raise RuntimeError(message)
-        if on_failure == "warn":
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
     return Pt.transpose(1, 2), info  # (B, n, m), a view
+
+
+def _failure_message(info: SolverInfo, tol: float, eps: float, dtype: torch.dtype, shown: int = 5) -> str:
+    """Which rows missed tol, by how much, and what to change."""
+    missed = [(r, e) for r, e in enumerate(info.row_marginal_error) if not e <= tol]
+    rows = ", ".join(f"{r}: {e:.2e}" for r, e in missed[:shown]) + (", ..." if len(missed) > shown else "")
+    return (
+        f"soft top-k: entropic OT solve did not reach tol={tol:g} (eps={eps:g}, {str(dtype).removeprefix('torch.')}) in "
+        f"{info.unconverged} of {len(info.row_marginal_error)} rows (of the scores flattened to (B, n)); marginal error by "
+        f"row: {rows}; {info.method}, {info.iterations} iterations. To converge: raise tol, max_iter or "
+        'max_sinkhorn_iter, or epsilon, or solve in float64; on_failure="warn" or "ignore" returns the plan as the '
+        "solver left it."
+    )
