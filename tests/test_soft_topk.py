@@ -177,8 +177,8 @@ def test_a_tolerance_under_float32_rounding_stops_early_and_warns():
     # notice that it has stopped improving, not grind through every fallback.
     x = torch.randn(64, 200, generator=torch.Generator().manual_seed(3))
     with pytest.warns(RuntimeWarning, match="did not reach tol"):
-        _, info = sorted_soft_topk(x, 10, 0.1, tol=1e-9, return_info=True)
-    assert not info.converged and info.marginal_error < 1e-4
+        _, info = sorted_soft_topk(x, 10, 0.1, tol=1e-9, return_info=True, on_failure="warn")
+    assert not info.converged and info.marginal_error < 1e-4 and info.unconverged > 0
     assert info.iterations <= 30, info
 
 
@@ -241,6 +241,20 @@ def test_marginals(eps):
 def test_soft_topk_dim_argument():
     x = torch.randn(6, 4, dtype=torch.float64)
     torch.testing.assert_close(soft_topk(x, 2, 0.1, dim=0), soft_topk(x.T, 2, 0.1).T)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -2, 2, -1])
+def test_sorted_soft_topk_dim_argument(dim):
+    # The n scores lie along dim; the output is scores.shape + (k,), the rank axis last.
+    x = torch.randn(5, 6, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = sorted_soft_topk(x, 3, 0.1, dim=dim)
+    assert out.shape == (5, 6, 7, 3)
+    axis = dim % 3  # in out, which has one more axis, a negative dim would name another
+    ref = sorted_soft_topk(x.movedim(dim, -1), 3, 0.1)  # (..., n, 3)
+    torch.testing.assert_close(out, ref.movedim(-2, axis), rtol=0, atol=0)
+    torch.testing.assert_close(out.sum(axis), torch.ones(out.sum(axis).shape, dtype=x.dtype))
+    indices = torch.topk(x, 3, dim=dim).indices  # rank j's index along dim is out[..., j]'s arg-max
+    torch.testing.assert_close(sorted_soft_topk(x, 3, 1e-4, dim=dim).argmax(axis), indices.movedim(dim, -1))
 
 
 def test_masked_entries_get_zero_weight_and_gradient_and_are_ignored():
@@ -314,6 +328,103 @@ def test_a_row_is_solved_the_same_alone_or_next_to_a_hard_row(dtype, max_iter):
         assert info_r.row_method == tuple(info.row_method[r] for r in order)
 
 
+# --- wide ranges, near-ties and the floor on the span ------------------------------------------
+
+
+def jacobian(op, x, k, eps, **kwargs):
+    """d op(x) / d x for one row x (n,), float64: (n, n) for soft_topk, (n, k, n) for sorted."""
+    return torch.autograd.functional.jacobian(lambda s: op(s, k, eps, tol=1e-12, **kwargs), x)
+
+
+@pytest.mark.parametrize("op", [soft_topk, sorted_soft_topk])
+@pytest.mark.parametrize(
+    "row,unit",
+    [
+        ([-3e38, -1e38, -math.inf, 1e38, 3e38], 1e38),  # float32: hi - lo = 6e38 > 3.4e38
+        ([-1.75e38, 1.75e38, 0.5e38, -math.inf, -0.5e38], 1e38),  # 3.5e38
+        ([-1e308, 0.0, 5e307, -math.inf, 1e308], 1e307),  # float64: 2e308 > 1.8e308
+    ],
+)
+def test_a_range_wider_than_the_dtype_is_normalised_without_overflow(op, row, unit):
+    # hi - lo overflowed: z was NaN, and the solve returned all-NaN after 1224 iterations with
+    # only a RuntimeWarning. The row is the same problem as the row divided by its unit.
+    dtype = torch.float64 if unit == 1e307 else torch.float32
+    x = torch.tensor([row], dtype=dtype)
+    x.requires_grad_()
+    out = op(x, 2, 0.1)
+    torch.testing.assert_close(out, op(x.detach() / unit, 2, 0.1), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    assert torch.isfinite(out).all()
+    out.pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[torch.isinf(x.detach())] == 0).all()
+
+
+def test_an_overflowing_row_leaves_the_others_bit_for_bit():
+    x = gapped_scores(2, 8, seed=2, dtype=torch.float32)
+    wide = torch.cat([x, torch.tensor([[-3e38, 3e38, 0, 1e38, -1e38, 2e38, -2e38, 5]])])
+    torch.testing.assert_close(sorted_soft_topk(wide, 3, 0.05)[:2], sorted_soft_topk(x, 3, 0.05), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", [soft_topk, sorted_soft_topk])
+def test_min_span_bounds_the_gradient_of_near_ties(op):
+    # Min-max normalisation makes eps relative to the row's span: for [0, d, 2d, 3d] the output
+    # did not depend on d, and the largest gradient grew as 1 / d (soft_topk, k = 2, eps = 0.1:
+    # 111, 1.1e5, 1.1e8 for d = 1e-3, 1e-6, 1e-9). Under a floor min_span on the span, eps is
+    # absolute: the documented bound is 1 / (2 eps min_span), here 5.
+    eps, min_span, k = 0.1, 1.0, 2
+    bound = 1 / (2 * eps * min_span)
+    largest = []
+    for d in (1e-3, 1e-6, 1e-9):
+        x = torch.tensor([0.0, d, 2 * d, 3 * d], dtype=torch.float64) + 7.0
+        out = op(x, k, eps, min_span=min_span)
+        uniform = torch.full_like(out, k / 4 if op is soft_topk else 1 / 4)
+        torch.testing.assert_close(out, uniform, rtol=0, atol=0.02)  # a smooth, nearly uniform plan
+        largest.append(jacobian(op, x, k, eps, min_span=min_span).abs().max().item())
+    assert max(largest) <= bound, largest
+    assert largest[0] > 0.1 * bound  # the bound is of the right size, not vacuous
+    assert jacobian(op, x, k, eps).abs().max() > 1e7  # without the floor: 1 / d
+
+
+def test_under_the_floor_epsilon_is_absolute_and_above_it_nothing_changes():
+    x = gapped_scores(3, 10, seed=4)  # spans about 4
+    x[1] *= 0.01  # span about 0.04
+    x[2] = 1.5  # all equal
+    span = (x.amax(1) - x.amin(1)).tolist()
+    for op in (soft_topk, sorted_soft_topk):
+        plain = op(x, 3, 0.05)
+        # above the floor (and at it): to the bit what it was without one
+        torch.testing.assert_close(op(x[:1], 3, 0.05, min_span=span[0]), plain[:1], rtol=0, atol=0)
+        floored = op(x, 3, 0.05, min_span=1.0)
+        torch.testing.assert_close(floored[0], plain[0], rtol=0, atol=0)
+        # under it, eps is absolute: the row solves as without a floor at eps * min_span / span
+        torch.testing.assert_close(floored[1], op(x[1], 3, 0.05 / span[1]), rtol=0, atol=1e-9)
+        # an all-equal row: the uniform plan with or without a floor
+        torch.testing.assert_close(floored[2], plain[2], rtol=0, atol=1e-12)
+        torch.testing.assert_close(floored[2], torch.full_like(floored[2], 0.3 if op is soft_topk else 0.1))
+
+
+def test_the_hard_limit_holds_under_the_floor():
+    x = gapped_scores(4, 20, seed=8) * 1e-3  # spans about 4e-3, gaps at least 1e-4
+    hard = torch.topk(x, 3).indices
+    onehots = torch.zeros(4, 20, 3, dtype=x.dtype).scatter_(1, hard.unsqueeze(1), 1.0)
+    torch.testing.assert_close(sorted_soft_topk(x, 3, 1e-6, min_span=1.0), onehots, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,k,eps", [(6, 2, 0.1), (16, 4, 0.03), (30, 5, 0.5)])
+def test_the_stated_gradient_bound_above_the_floor(n, k, eps):
+    # Docstrings: every entry of the Jacobian is at most 1 / (2 eps s), s = the row's span, for
+    # soft_topk; for sorted_soft_topk too except in the columns of the row's largest and
+    # smallest score, there max(1/2, sqrt(n) / 4) / (eps s).
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    x[: n // 3] = x[n // 3 : 2 * (n // 3)]  # ties, which put plans between anchors
+    s = (x.max() - x.min()).item()
+    J = jacobian(soft_topk, x, k, eps).abs()  # (n, n)
+    assert J.max() <= 1 / (2 * eps * s)
+    J = jacobian(sorted_soft_topk, x, k, eps).abs().reshape(-1, n)  # (n k, n)
+    extreme = (x == x.max()) | (x == x.min())
+    assert J[:, ~extreme].max() <= 1 / (2 * eps * s)
+    assert J.max() <= max(0.5, math.sqrt(n) / 4) / (eps * s)
+
+
 def test_invariant_to_affine_rescaling_of_a_row():
     x = gapped_scores(2, 10, seed=6)
     torch.testing.assert_close(sorted_soft_topk(3 * x + 7, 3, 0.05), sorted_soft_topk(x, 3, 0.05))
@@ -362,6 +473,8 @@ def test_build_problem_is_what_the_ops_solve(kind):
     assert build_problem(x.float(), 4, kind, warm_start=False).g0 is None
     with pytest.raises(ValueError, match="kind"):
         build_problem(x, 4, "sideways")
+    with pytest.raises(ValueError, match="min_span"):
+        build_problem(x, 4, kind, min_span=-0.5)
     with pytest.raises(ValueError, match="fewer than k=4 finite"):
         build_problem(x[0, 1, :4], 4, kind)  # -inf at index 2: three finite scores
 
@@ -390,16 +503,41 @@ def test_solver_info():
     assert info.iterations == max(info.row_iterations) and info.marginal_error == max(info.row_marginal_error)
 
 
-def test_non_convergence_warns_or_raises():
+def test_non_convergence_raises_by_default_and_warns_or_passes_on_request():
+    # A solve that misses its tolerance used to warn by default and return the plan as the solver
+    # left it, which then reached the loss. Now it raises unless asked not to.
     x = torch.randn(2, 20, generator=torch.Generator().manual_seed(0))  # no gaps: a soft plan
-    with pytest.warns(RuntimeWarning, match="did not reach tol"):
-        _, info = sorted_soft_topk(x, 3, 0.5, max_iter=1, tol=1e-15, return_info=True)
-    assert not info.converged
-    with pytest.raises(RuntimeError, match="did not reach tol"):
-        sorted_soft_topk(x, 3, 0.5, max_iter=1, tol=1e-15, on_failure="raise")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        sorted_soft_topk(x, 3, 0.5, max_iter=1, tol=1e-15, on_failure="ignore")
+    kwargs = dict(max_iter=1, max_sinkhorn_iter=5, tol=1e-15)  # tol out of reach
+    for op in (soft_topk, sorted_soft_topk):
+        with pytest.raises(RuntimeError, match=r"did not reach tol=1e-15 .* in 2 of 2 rows") as raised:
+            op(x, 3, 0.5, **kwargs)
+        assert type(raised.value).__name__ == "ConvergenceError" and raised.value.info.unconverged == 2
+        assert "max_iter" in str(raised.value) and "epsilon" in str(raised.value)
+        with pytest.warns(RuntimeWarning, match="did not reach tol"):
+            _, info = op(x, 3, 0.5, return_info=True, on_failure="warn", **kwargs)
+        assert not info.converged and info.unconverged == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            op(x, 3, 0.5, on_failure="ignore", **kwargs)
+
+
+def test_a_row_that_cannot_converge_raises_and_is_counted():
+    # Span 1e30 at eps = 1e-6 in float32: the three small scores tie (their costs round alike),
+    # and splitting them needs potentials to 1e-6 of 1, under float32's resolution. The old
+    # default returned [1, 0, 0, 0] for k = 2 (the row sums to 1, not k) with only a warning.
+    bad = torch.tensor([1e30, 0.0, 1.0, 2.0])
+    with pytest.raises(RuntimeError, match=r"in 1 of 1 rows .* 0: 5\.00e-01"):
+        soft_topk(bad.unsqueeze(0), 2, 1e-6)
+    # Per row: next to solvable rows it is the only one counted, and the message names it.
+    x = torch.stack([torch.tensor([0.0, 1.0, 2.0, 3.0]), bad, torch.tensor([3.0, 1.0, 0.0, 2.0])])
+    with pytest.raises(RuntimeError, match=r"in 1 of 3 rows .*row: 1: ") as raised:
+        soft_topk(x, 2, 1e-6)
+    assert raised.value.info.unconverged == 1
+    out, info = soft_topk(x, 2, 1e-6, return_info=True, on_failure="ignore")
+    assert info.unconverged == 1 and not info.converged and "1 of 3 rows" in str(info)
+    torch.testing.assert_close(out[[0, 2]], torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]]))
+    _, info = soft_topk(x[[0, 2]], 2, 1e-6, return_info=True)
+    assert info.converged and info.unconverged == 0
 
 
 @pytest.mark.parametrize(
@@ -418,6 +556,14 @@ def test_non_convergence_warns_or_raises():
         (torch.tensor([[1.0, 2.0]]), 1, {"max_iter": 0}, "max_iter"),
         (torch.tensor([[1.0, 2.0]]), 1, {"max_sinkhorn_iter": -1}, "max_sinkhorn_iter"),
         ([1.0, 2.0], 1, {}, "torch.Tensor"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"dim": 2}, r"dim must be an integer in \[-2, 1\]"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"dim": -3}, "dim must be"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"dim": 1.0}, "dim must be"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"min_span": -1.0}, "min_span must be"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"min_span": math.inf}, "min_span must be"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"min_span": math.nan}, "min_span must be"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"min_span": "1"}, "min_span must be"),
+        (torch.tensor([[1.0, 2.0]]), 1, {"tol": -1.0}, "tol must be"),
     ],
 )
 @pytest.mark.parametrize("op", [soft_topk, sorted_soft_topk])
