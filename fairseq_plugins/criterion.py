@@ -60,6 +60,14 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
         metadata={"help": "candidates (beam, token) per sentence that the soft top-k ranks; default 2 * k * k; at least 2 * k"},
     )
     soft_beam_tol: float = field(default=1e-4, metadata={"help": "solver tolerance: relative marginal error of the soft top-k"})
+    soft_beam_min_span: float = field(
+        default=0.0,
+        metadata={
+            "help": "floor on each step's candidate score range (nats) in the soft top-k's normalisation: below it "
+            "epsilon is absolute rather than relative to the range, so near-ties give a smooth plan and a bounded "
+            "gradient; 0: always relative"
+        },
+    )
     soft_beam_state_grad: ChoiceEnum(["full", "values"]) = field(
         default="values",
         metadata={
@@ -86,6 +94,7 @@ OPTION_NAMES = {
     "epsilon": "--soft-beam-epsilon",
     "candidates": "--soft-beam-candidates",
     "tol": "--soft-beam-tol",
+    "min_span": "--soft-beam-min-span",
     "state_grad": "--soft-beam-state-grad",
     "max_len_a": "--max-len-a",
     "max_len_b": "--max-len-b",
@@ -102,7 +111,8 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             raise ValueError(f"--search-fraction must be in (0, 1], got {cfg.search_fraction}")
         self.search = validated(
             OPTION_NAMES, SearchConfig, beam=cfg.soft_beam_size, epsilon=cfg.soft_beam_epsilon, candidates=cfg.soft_beam_candidates,
-            tol=cfg.soft_beam_tol, state_grad=str(cfg.soft_beam_state_grad), max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
+            tol=cfg.soft_beam_tol, min_span=cfg.soft_beam_min_span, state_grad=str(cfg.soft_beam_state_grad),
+            max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
         )  # fmt: skip
         tgt_dict = getattr(task, "target_dictionary", None)
         if tgt_dict is None:
@@ -146,6 +156,7 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             "solver_iters": float(sum(stats.solver_iterations)),
             "solver_calls": len(stats.solver_iterations),
             "marginal_error": float(sum(stats.marginal_errors)),
+            "unconverged": stats.unconverged,
             "search_steps": stats.steps,
             "batches": 1,
             "ntokens": sample["ntokens"],
@@ -196,6 +207,8 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         if calls:
             metrics.log_scalar("solver_iters", total("solver_iters") / calls, calls, round=1)
             metrics.log_scalar("marginal_err", total("marginal_error") / calls, calls, round=6)
+            # soft top-k rows that missed --soft-beam-tol, per update: the search used their plans as they were
+            metrics.log_scalar("unconverged", total("unconverged") / max(total("batches"), 1), round=2)
         metrics.log_scalar("search_steps", total("search_steps") / max(total("batches"), 1), round=1)
 
     @staticmethod

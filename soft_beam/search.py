@@ -112,6 +112,9 @@ class SearchConfig:
     unk_penalty: float = 0.0
     tol: float | None = None  # the soft top-k's tolerance; None: its dtype's default
     max_iter: int = 100
+    # The soft top-k's floor on each step's score range, in the scores' units (nats): below it
+    # epsilon is absolute, so near-ties give a smooth plan and a bounded gradient (soft_topk).
+    min_span: float = 0.0
     # "full": the exact gradient of the relaxed search, also through the weights that mix the next
     # decoder inputs and states. Each step's weights respond to score gaps at about 1/epsilon and
     # feed the next step's scores, so this path compounds over the decoding steps (1.1e4 to 4.4e5
@@ -146,6 +149,7 @@ class SearchConfig:
             ("unk_penalty", real(self.unk_penalty), "unk_penalty must be a finite number"),
             ("tol", self.tol is None or (real(self.tol) and self.tol > 0), "tol must be a number > 0 or None"),
             ("max_iter", whole(self.max_iter, 1), "max_iter must be an integer >= 1"),
+            ("min_span", real(self.min_span) and self.min_span >= 0, "min_span must be a finite number >= 0"),
             ("state_grad", self.state_grad in ("full", "values"), "state_grad must be 'full' or 'values'"),
         ]  # fmt: skip
 
@@ -177,8 +181,9 @@ class Hypothesis:
 @dataclass
 class SearchStats:
     steps: int = 0
-    solver_iterations: list = field(default_factory=list)
-    marginal_errors: list = field(default_factory=list)
+    solver_iterations: list = field(default_factory=list)  # per soft top-k call: its iterations
+    marginal_errors: list = field(default_factory=list)  # per call: the largest row's marginal error
+    unconverged: int = 0  # soft top-k rows (sentence steps) that missed the tolerance
 
 
 @dataclass
@@ -290,10 +295,14 @@ class SoftSelection:
     def select(self, cand, blocked, first_open, stats) -> Picked:
         cfg = self.cfg
         scores = cand.scores.masked_fill(blocked, -math.inf)  # (S, M)
-        weights, info = sorted_soft_topk(scores, cfg.beam, cfg.epsilon, tol=cfg.tol, max_iter=cfg.max_iter, return_info=True)
+        # A row that misses the tolerance keeps the solver's plan: its beams are mixtures whose
+        # weights sum to 1 within the marginal error, which stats (and the criterion's log) report.
+        weights, info = sorted_soft_topk(scores, cfg.beam, cfg.epsilon, min_span=cfg.min_span, tol=cfg.tol,
+                                         max_iter=cfg.max_iter, return_info=True, on_failure="ignore")  # fmt: skip
         if stats is not None:
             stats.solver_iterations.append(info.iterations)
             stats.marginal_errors.append(info.marginal_error)
+            stats.unconverged += info.unconverged
         # weights are 0 on -inf scores; zero those scores so that 0 * -inf is not NaN
         finite = cand.scores.masked_fill(blocked | torch.isinf(cand.scores.detach()), 0.0)  # (S, M)
         old_beams = torch.nn.functional.one_hot(cand.beams, cfg.beam).to(weights.dtype)  # (S, M, K_old)

@@ -30,7 +30,7 @@ def test_finetune_resume_and_generate(tiny_data_bin, tiny_checkpoint, tmp_path):
     out = run([*common, "--finetune-from-model", tiny_checkpoint, "--max-update", "4"])
     log = train_log(out)
     assert [int(r["num_updates"]) for r in log] == [1, 2, 3, 4]
-    assert {"beam_loss", "top_bleu", "solver_iters", "marginal_err", "nll_loss"} <= set(log[0])
+    assert {"beam_loss", "top_bleu", "solver_iters", "marginal_err", "unconverged", "nll_loss"} <= set(log[0])
     assert "valid_bleu" in out or '"bleu"' in out  # --eval-bleu ran our generator
 
     out = run([*common, "--max-update", "6"])  # resumes from save/checkpoint_last.pt
@@ -101,6 +101,7 @@ def test_two_process_cpu_distributed_keeps_ranks_equal(tiny_data_bin, tiny_check
         (["--soft-beam-gen-epsilon", "-1"], "--soft-beam-gen-epsilon: epsilon must be a finite number >= 0"),
         (["--soft-beam-size", "4", "--soft-beam-candidates", "5"], "--soft-beam-candidates: candidates must be at least 2 \\* beam = 8"),
         (["--soft-beam-tol", "0"], "--soft-beam-tol: tol must be a number > 0"),
+        (["--soft-beam-min-span", "-1"], "--soft-beam-min-span: min_span must be a finite number >= 0"),
         (["--max-len-a", "-1"], "--max-len-a: max_len_a must be a finite number >= 0"),
         (["--beam-loss", "risk", "--risk-sharpness", "0"], "--risk-sharpness: risk_sharpness must be a finite number > 0"),
         (["--mle-weight", "1.5"], "--mle-weight must be in \\[0, 1\\]"),

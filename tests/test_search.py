@@ -375,3 +375,16 @@ def test_candidate_scores_apply_fairseqs_log_prob_edits():
         got = candidate_scores(lprobs, cum, step, max_len, min_len, eos, pad, unk, 0.5)
         assert torch.equal(got, ref), (step, max_len, min_len)
     assert torch.isnan(lprobs[0, 5]) and torch.isnan(lprobs[3, 7])  # the input is left as it was
+
+
+def test_unconverged_soft_top_k_rows_are_counted_not_raised():
+    """The search's policy for a step whose soft top-k misses its tolerance: keep the solver's
+    plan and count the rows (the criterion logs the count as ``unconverged``)."""
+    params = RecurrentBigram(sentences=3, seed=2)
+    counts = []
+    for tol in (None, 1e-30):  # 1e-30 is under float64's rounding floor: no row can reach it
+        stats = SearchStats()
+        cfg = SearchConfig(beam=2, epsilon=0.1, tol=tol, max_len_b=4)
+        beam_search(params.start(2), 3, 3, cfg, bos=BOS, eos=EOS, pad=PAD, unk=UNK, device=CPU, stats=stats)
+        counts.append(stats.unconverged)
+    assert counts[0] == 0 and counts[1] > 0, counts
