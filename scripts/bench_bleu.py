@@ -474,7 +474,7 @@ def arm_summary(arm: str, rs: list[dict], es: list[dict], sig: dict) -> dict:
         "sets": {
             name: set_summary([e["sets"][name] for e in es], {b: s.get(arm) for b, s in sig.get(name, {}).items()})
             for name in es[0]["sets"]
-        },  # fmt: skip
+        },
     }
 
 
