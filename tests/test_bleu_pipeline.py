@@ -80,6 +80,24 @@ def test_set_summary_with_a_beam_sweep_over_seeds(tmp_path):
     assert "| L | 2 | 31.00 ± 1.41 | 51.00 ± 0.00 | 32.00 | 1.000 | 28.50 | 31.00 |" in md
 
 
+def test_significance_table_puts_each_p_value_in_its_column():
+    """The smoke test's untrained arms translate alike (every p is 1): here each p differs."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_bleu
+
+    def entry(seed, base):
+        p = {"paired_bs": {"bleu": base, "chrf": base + 0.1}, "paired_ar": {"bleu": base + 0.2, "chrf": base + 0.3}}
+        return {"seed": seed, "p_value": p, "difference": {"bleu": -1.25, "chrf": 0.5}, "bootstrap": {"bleu": {"mean": 30.1, "ci95": 0.8}}}
+
+    sig = {"per_seed": [entry(1, 0.01), entry(2, 0.02)], "pooled": entry(None, 0.0004)}
+    summary = {"settings": {"paired_bs_n": 1000, "paired_ar_n": 10000}, "test_sets": {"s": 7},
+               "arms": {"mle": {"label": "M", "sets": {"s": {"vs_mle": None, "vs_mrt": None}}},
+                        "soft_risk": {"label": "R", "sets": {"s": {"vs_mle": None, "vs_mrt": sig}}}}}  # fmt: skip
+    md = bench_bleu.md_significance(summary)
+    assert "| s | R | MRT | -1.25 | 30.10 ± 0.80 | <0.001 | 0.100 | 0.200 | 0.300 | s1 0.010, s2 0.020 |" in md
+    assert not any(line.startswith("| s | M |") for line in md)
+
+
 def raw_dir_with_two_test_sets(tmp_path: Path) -> Path:
     """The shared Multi30k files, linked, and a second test set under a real name (the recipe knows sets by
     name), test_2017_mscoco, made of the first 50 val pairs: the shared folder has only test_2016_flickr."""
