@@ -1,7 +1,9 @@
 """soft_beam: differentiable (SOFT) top-k by entropic optimal transport, in pure torch.
 
 Imports only torch. See :func:`soft_topk` and :func:`sorted_soft_topk`; :func:`build_problem`
-gives the transport problem they solve, and :mod:`soft_beam.ot` the solver.
+gives the transport problem they solve, and :mod:`soft_beam.ot` the solver. The beam search over
+any ``StepModel`` is :mod:`soft_beam.search`, and the losses on its result :mod:`soft_beam.losses`
+(whose sentence BLEU imports sacreBLEU on first use).
 """
 
 from .ot import ConvergenceError, SolverInfo
