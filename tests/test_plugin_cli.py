@@ -198,23 +198,3 @@ def test_generator_refuses_unsupported_generation_options(tiny_data_bin, tiny_ch
     gen = task.build_generator([model], Namespace(beam=2, max_len_a=1.2, max_len_b=5))
     with pytest.raises(ValueError, match="prefix tokens"):
         gen.generate([model], batches(task)[0], prefix_tokens=torch.zeros(1, 1, dtype=torch.long))
-
-
-@pytest.mark.slow
-def test_bench_train_step_reports_each_batch_size_and_generation(tiny_data_bin, tiny_checkpoint, tmp_path):
-    """The benchmark script itself, on the tiny model: one table per batch size, and our generator's
-    output compared with stock fairseq's."""
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, ROOT / "scripts" / "bench_train_step.py", "--data", tiny_data_bin, "--checkpoint", tiny_checkpoint,
-           "--beams", "2", "--search-fractions", "1,0.5", "--max-tokens", "200,400", "--batches", "1", "--reps", "1",
-           "--gen-beam", "2", "--device", "cpu", "--json", out]  # fmt: skip
-    printed = run(cmd)
-    assert "threads" in printed  # the ratios depend on the thread count
-    result = json.loads(out.read_text())
-    assert set(result["train"]) == {"200", "400"}
-    for table in result["train"].values():
-        assert set(table) == {"mle", "soft_beam k=2 (fraction 1)", "soft_beam k=2 (fraction 0.5)"}
-        assert table["mle"]["ratio"] == 1.0
-        # the search keeps its decoder states for backward, on top of the MLE pass's
-        assert table["soft_beam k=2 (fraction 1)"]["memory_ratio"] > table["soft_beam k=2 (fraction 0.5)"]["memory_ratio"] > 1
-    assert result["generate"]["identical"] is True
