@@ -227,6 +227,15 @@ def candidate_scores(lprobs, beam_scores, step, max_len, min_len, eos, pad, unk,
     return torch.nan_to_num_(cand, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
+def _upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as a long tensor (len(values),) on ``device``. To a GPU it goes through pinned
+    memory without blocking: a blocking copy from pageable memory waits for the device's queue."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def _set_column(track: torch.Tensor, step: int, values: torch.Tensor) -> torch.Tensor:
     """track (S, K, T, F) with position ``step`` replaced by values (S, K, F), out of place."""
     col = torch.zeros(track.shape[-2:-1] + (1,), dtype=track.dtype, device=track.device)  # (T, 1)
@@ -350,6 +359,7 @@ class BeamState:
         self.tokens[:, 0] = specials.bos
         self.beam_scores = self.score_history = self.features = None  # set at step 0, in the log-probs' dtype
         self.sentences = torch.arange(batch_size, device=device)  # (S,) batch index of each live sentence
+        self.batch_ids = list(range(batch_size))  # the same on the host: finish and drop never read it back
         self.ignored = torch.zeros(batch_size, cfg.beam, dtype=torch.bool, device=device)  # (S, K) fairseq's cands_to_ignore
         self.finalized: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
         self.input_embedding = None  # (rows, D) or None: the next step's input, if not the tokens'
@@ -405,19 +415,21 @@ class BeamState:
         ``finalize_hypos`` does."""
         K = self.cfg.beam
         finishing = cand.finishing[:, :K] & ~self.ignored  # (S, K)
-        # one host read of the few finishing candidates: [(live position, rank)], sentence-major
+        # The step's one host read (a GPU waits for it): each finishing candidate's beam, -1 for the
+        # others. A nonzero() and an int() per hypothesis were a wait each.
+        ends = torch.where(finishing, cand.beams[:, :K], -1).view(-1).tolist()  # (S K,) sentence-major
         touched = []
-        for s, c in finishing.nonzero().tolist():
-            sentence = int(self.sentences[s])
+        for i in [i for i, b in enumerate(ends) if b >= 0]:
+            s, c = divmod(i, K)
+            sentence = self.batch_ids[s]
             if len(self.finalized[sentence]) < K:
-                self.finalized[sentence].append(self._hypothesis(cand, s, c, step))
-            if s not in touched:
+                self.finalized[sentence].append(self._hypothesis(cand, s, c, ends[i], step))
+            if not touched or touched[-1] != s:
                 touched.append(s)
-        return [s for s in touched if len(self.finalized[int(self.sentences[s])]) == K or step >= self.max_len]
+        return [s for s in touched if len(self.finalized[self.batch_ids[s]]) == K or step >= self.max_len]
 
-    def _hypothesis(self, cand: Candidates, s: int, c: int, step: int) -> Hypothesis:
-        """The hypothesis that candidate c (an EOS) of live sentence s ends."""
-        b = int(cand.beams[s, c])
+    def _hypothesis(self, cand: Candidates, s: int, c: int, b: int, step: int) -> Hypothesis:
+        """The hypothesis that candidate c (an EOS, extending beam b) of live sentence s ends."""
         row = s * self.cfg.beam + b
         tokens = self.tokens[row, 1 : step + 2].clone()  # (step + 1,)
         tokens[step] = self.specials.eos
@@ -436,9 +448,10 @@ class BeamState:
         if not finished:
             return cand
         K, device = self.cfg.beam, self.tokens.device
-        keep = torch.ones(self.live, dtype=torch.bool)
-        keep[finished] = False
-        kept = keep.nonzero().squeeze(1).to(device)  # (S',)
+        gone = set(finished)
+        kept_ids = [s for s in range(self.live) if s not in gone]
+        self.batch_ids = [self.batch_ids[s] for s in kept_ids]
+        kept = _upload(kept_ids, device)  # (S',)
         rows = (kept.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)  # (S' K,)
         self.sentences, self.ignored, self.beam_scores = self.sentences[kept], self.ignored[kept], self.beam_scores[kept]
         self.tokens, self.score_history = self.tokens[rows], self.score_history[rows]
@@ -507,6 +520,17 @@ def beam_search(
             break
         cand = state.drop(finished, cand)
         state.select(policy, cand, model, step, stats)
-    for hyps in state.finalized:
-        hyps.sort(key=lambda h: float(h.score.detach()), reverse=True)
+    _sort_by_score(state.finalized)
     return state.finalized
+
+
+def _sort_by_score(finalized: list[list[Hypothesis]]) -> None:
+    """Sorts each sentence's hypotheses, best first (stable), reading every score in one host read."""
+    flat = [h for hyps in finalized for h in hyps]
+    if not flat:
+        return
+    scores = iter(torch.stack([h.score.detach() for h in flat]).tolist())  # (H,) -> floats
+    for hyps in finalized:
+        keyed = [(next(scores), h) for h in hyps]
+        keyed.sort(key=lambda pair: pair[0], reverse=True)
+        hyps[:] = [h for _, h in keyed]
