@@ -123,8 +123,17 @@ def test_expected_risk_is_the_softmax_weighted_cost_scaled_by_the_reference_leng
 
 @pytest.mark.parametrize("name", sorted(BEAM_LOSSES))
 def test_every_registered_loss_states_whether_it_needs_a_soft_search(name):
-    loss = BEAM_LOSSES[name](LossOptions(EOS, PAD))
-    assert loss.needs_soft_search == (loss.features(torch.zeros(1, 2, dtype=torch.long)) is not None)
+    """needs_soft_search is True exactly when the loss has no gradient through a hard search (the
+    criterion refuses epsilon 0 for it); such a loss must track features, its only path."""
+    loss_fn = BEAM_LOSSES[name](LossOptions(EOS, PAD))
+    params = RecurrentBigram(sentences=3, vocab=V, seed=6)
+    target = torch.tensor([[4, 5, 6, EOS], [7, 7, EOS, PAD], [5, 4, 9, EOS]])
+    hyps = search(params, config(beam=2), loss_fn.features(target), sentences=3)
+    refs = [[t for t in row.tolist() if t not in (EOS, PAD)] for row in target]
+    loss = sum(loss_fn.sentence_loss(h, r) for h, r in zip(hyps, refs))
+    assert loss_fn.needs_soft_search == (not torch.is_tensor(loss) or not loss.requires_grad)
+    if loss_fn.needs_soft_search:
+        assert loss_fn.features(target) is not None
 
 
 def test_training_through_the_soft_search_on_the_hamming_loss_cuts_the_hard_searchs_errors():
