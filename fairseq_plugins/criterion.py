@@ -7,6 +7,7 @@ translation`` too). The losses themselves are ``soft_beam.losses``; this module 
 (No ``from __future__ import annotations`` here: fairseq reads the config's field types at runtime.)
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,7 +25,7 @@ from soft_beam.losses import BEAM_LOSSES, LossOptions, content_ids, sentence_ble
 from soft_beam.search import SearchConfig, SearchStats, beam_search
 
 from .decoding import FairseqStepModel, unwrap_model, wrapped_in_c10d_ddp
-from .search_options import check_target_dictionary, length_capped, validated
+from .search_options import EpsilonSchedule, check_target_dictionary, length_capped, validated
 
 
 @dataclass
@@ -33,8 +34,11 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
         default="hamming",
         metadata={
             "help": "loss on the search result: 'hamming' (relaxed token errors of the top hypothesis "
-            "against the reference; needs --soft-beam-epsilon > 0) or 'risk' (expected 1 - sentence BLEU under "
-            "the softmax of the final hypothesis scores; with --soft-beam-epsilon 0, minimum-risk training over the beam)"
+            "against the reference; needs --soft-beam-epsilon > 0), 'risk' (expected 1 - sentence BLEU under "
+            "the softmax of the final hypothesis scores; with --soft-beam-epsilon 0, minimum-risk training over the beam) "
+            "or 'bleu' (the same expectation of 1 - soft BLEU: expected n-gram matches from the soft probabilities that "
+            "each position holds each reference token, which the search's weights mix; add-1 smoothed sentence BLEU "
+            "in the hard limit, so with --soft-beam-epsilon 0 it is MRT too)"
         },
     )
     mle_weight: float = field(default=0.5, metadata={"help": "loss = mle_weight * label-smoothed MLE + (1 - mle_weight) * beam loss"})
@@ -54,6 +58,17 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
             "help": "entropic regularisation of the SOFT top-k in training (relative to a per-step cost "
             "normalised to [0, 1]); smaller is closer to hard beam search, 0 is hard beam search"
         },
+    )
+    soft_beam_epsilon_final: Optional[float] = field(  # noqa: UP045 (fairseq parses typing.Optional)
+        default=None,
+        metadata={
+            "help": "anneal epsilon from --soft-beam-epsilon to this value, geometrically, over "
+            "--soft-beam-epsilon-anneal-updates updates, then keep it; default: no schedule"
+        },
+    )
+    soft_beam_epsilon_anneal_updates: int = field(
+        default=0,
+        metadata={"help": "updates over which epsilon goes from --soft-beam-epsilon to --soft-beam-epsilon-final (the trainer's count)"},
     )
     soft_beam_candidates: Optional[int] = field(  # noqa: UP045 (fairseq parses typing.Optional, not X | None)
         default=None,
@@ -80,7 +95,7 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
     risk_sharpness: float = field(
         default=1.0,
         metadata={
-            "help": "MRT's alpha (Shen et al. 2016) for --beam-loss risk: the risk's distribution over the n-best "
+            "help": "MRT's alpha (Shen et al. 2016) for --beam-loss risk and bleu: the risk's distribution over the n-best "
             "is softmax(alpha * score), with the scores length-normalised log-probs"
         },
     )
@@ -88,10 +103,12 @@ class SoftBeamCriterionConfig(LabelSmoothedCrossEntropyCriterionConfig):
     max_len_b: int = field(default=10, metadata={"help": "search max length = a * source length + b"})
 
 
-# SearchConfig field -> this criterion's option, for error messages
+# SearchConfig, LossOptions and EpsilonSchedule field -> this criterion's option, for error messages
 OPTION_NAMES = {
     "beam": "--soft-beam-size",
     "epsilon": "--soft-beam-epsilon",
+    "epsilon_final": "--soft-beam-epsilon-final",
+    "epsilon_anneal_updates": "--soft-beam-epsilon-anneal-updates",
     "candidates": "--soft-beam-candidates",
     "tol": "--soft-beam-tol",
     "min_span": "--soft-beam-min-span",
@@ -114,6 +131,11 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             tol=cfg.soft_beam_tol, min_span=cfg.soft_beam_min_span, state_grad=str(cfg.soft_beam_state_grad),
             max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b,
         )  # fmt: skip
+        self.epsilon_schedule = validated(
+            OPTION_NAMES, EpsilonSchedule, epsilon=cfg.soft_beam_epsilon, epsilon_final=cfg.soft_beam_epsilon_final,
+            epsilon_anneal_updates=cfg.soft_beam_epsilon_anneal_updates,
+        )  # fmt: skip
+        self.num_updates = 0
         tgt_dict = getattr(task, "target_dictionary", None)
         if tgt_dict is None:
             raise ValueError(f"the soft_beam criterion needs a translation task with a target dictionary, got {type(task).__name__}")
@@ -126,12 +148,28 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         self.mle_weight = cfg.mle_weight
         self.search_fraction = cfg.search_fraction
 
+    def set_num_updates(self, num_updates: int) -> None:
+        """The update count that the epsilon schedule follows. ``forward`` sets it from fairseq's
+        trainer (:func:`trainer_num_updates`) where it publishes one; validation keeps the last
+        training forward's count; other drivers call this."""
+        if not (isinstance(num_updates, int) and num_updates >= 0):
+            raise ValueError(f"num_updates must be an integer >= 0, got {num_updates!r}")
+        self.num_updates = num_updates
+
+    @property
+    def epsilon(self) -> float:
+        """The training search's epsilon at the current update (--soft-beam-epsilon without a schedule)."""
+        return self.epsilon_schedule.at(self.num_updates)
+
     def forward(self, model, sample, reduce=True):
         if wrapped_in_c10d_ddp(model):
             raise ValueError(
                 "the soft_beam criterion calls the decoder step by step, which c10d DDP cannot see; "
                 "use --ddp-backend legacy_ddp (or no_c10d)"
             )
+        trainer_updates = trainer_num_updates()
+        if trainer_updates is not None:
+            self.set_num_updates(trainer_updates)
         fs_model = unwrap_model(model)
         net_input = sample["net_input"]
         encoder_out = fs_model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
@@ -158,6 +196,7 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             "marginal_error": float(sum(stats.marginal_errors)),
             "unconverged": stats.unconverged,
             "search_steps": stats.steps,
+            "epsilon": self.epsilon,
             "batches": 1,
             "ntokens": sample["ntokens"],
             "nsentences": sample["target"].size(0),
@@ -177,9 +216,10 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         tgt_dict = self.task.target_dictionary
         special = (tgt_dict.eos(), tgt_dict.pad())
         stats = SearchStats()
+        cfg = length_capped(dataclasses.replace(self.search, epsilon=self.epsilon), model)
         finalized = beam_search(
             FairseqStepModel(model, net_input, self.search.beam, encoder_out=encoder_out), bsz, src_len,
-            length_capped(self.search, model), bos=tgt_dict.eos(), eos=tgt_dict.eos(), pad=tgt_dict.pad(), unk=tgt_dict.unk(),
+            cfg, bos=tgt_dict.eos(), eos=tgt_dict.eos(), pad=tgt_dict.pad(), unk=tgt_dict.unk(),
             device=src_tokens.device, features=self.loss.features(target), stats=stats,
         )  # fmt: skip
         losses, top_bleu = [], 0.0
@@ -210,12 +250,31 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
             # soft top-k rows that missed --soft-beam-tol, per update: the search used their plans as they were
             metrics.log_scalar("unconverged", total("unconverged") / max(total("batches"), 1), round=2)
         metrics.log_scalar("search_steps", total("search_steps") / max(total("batches"), 1), round=1)
+        if total("batches"):
+            metrics.log_scalar("epsilon", total("epsilon") / total("batches"), round=6)  # the training search's, at this update
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         # Summable logs take fairseq's all_reduce path; the other path (all_gather_list)
         # allocates CUDA buffers and fails on CPU-only distributed runs.
         return True
+
+
+def trainer_num_updates() -> int | None:
+    """fairseq's update count, as its trainer publishes it, or None where it publishes none.
+
+    ``Trainer.set_num_updates`` logs it as the meter ``num_updates`` into every active metrics
+    aggregator, ``default`` among them (always active while training), after every update and when
+    it resumes a checkpoint; it starts at 0 (no meter) under ``--finetune-from-model``. So it is the
+    count of the run being trained, also after a resume and under ``--task translation`` (whose
+    ``train_step`` gives the update number to the model, not to the criterion). The *active*
+    aggregators are read: on resume, fairseq replaces the stored ``default`` aggregator with the
+    checkpoint's copy but keeps logging into the active one, so the stored copy stops at the
+    resumed count. Validation runs under a new root aggregator, without the meter: None there.
+    """
+    counts = [meter.val for agg in metrics.get_active_aggregators() if (meter := agg.get("num_updates")) is not None]
+    counts = [int(c) for c in counts if c is not None]
+    return max(counts) if counts else None
 
 
 def _searched_part(model, sample, encoder_out, fraction):

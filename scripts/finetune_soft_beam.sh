@@ -9,8 +9,12 @@
 # Extra arguments are passed to fairseq-train last, so they override the defaults below.
 #
 # Environment variables (defaults):
-#   BEAM_LOSS=hamming (hamming|risk)  MLE_WEIGHT=0.5 (loss = w*MLE + (1-w)*beam loss)
-#   RISK_SHARPNESS=1 (MRT's alpha, --beam-loss risk)  BEAM_SIZE=4  BEAM_EPSILON=0.01 (0: hard search; with risk, MRT)  BEAM_CANDIDATES= (unset: 2k^2)  SEARCH_MAX_LEN_A=1.2  SEARCH_MAX_LEN_B=10
+#   BEAM_LOSS=hamming (hamming: relaxed token errors of the top beam; risk: expected 1 - sentence BLEU
+#     over the finished beams; bleu: the same expectation of 1 - soft BLEU, from expected n-gram matches)
+#   MLE_WEIGHT=0.5 (loss = w*MLE + (1-w)*beam loss)
+#   RISK_SHARPNESS=1 (MRT's alpha, risk and bleu)  BEAM_SIZE=4  BEAM_EPSILON=0.01 (0: hard search; with risk or bleu, MRT)  BEAM_CANDIDATES= (unset: 2k^2)  SEARCH_MAX_LEN_A=1.2  SEARCH_MAX_LEN_B=10
+#   BEAM_EPSILON_FINAL= BEAM_EPSILON_ANNEAL_UPDATES= (unset: epsilon fixed; both set: epsilon goes geometrically
+#     from BEAM_EPSILON to BEAM_EPSILON_FINAL over that many updates, then stays there)
 #   SEARCH_FRACTION=1 (the share of each batch's sentences that the search runs on)
 #   LR=1e-4 (adam, fixed schedule)  WARMUP=0  MAX_TOKENS=4096  MAX_UPDATE=500  SEED=1  CLIP_NORM=1.0
 #   (clipping matters: the soft top-k normalises each step's candidate scores by their range, so
@@ -34,13 +38,16 @@ source "$REPO/scripts/train_common.sh"  # FAIRSEQ_TRAIN, DEVICE_ARGS -> DEV, ARC
 
 CANDIDATES=()
 [[ -n ${BEAM_CANDIDATES:-} ]] && CANDIDATES=(--soft-beam-candidates "$BEAM_CANDIDATES")
+SCHEDULE=()  # either alone is passed on, and the criterion refuses it by name
+[[ -n ${BEAM_EPSILON_FINAL:-} ]] && SCHEDULE+=(--soft-beam-epsilon-final "$BEAM_EPSILON_FINAL")
+[[ -n ${BEAM_EPSILON_ANNEAL_UPDATES:-} ]] && SCHEDULE+=(--soft-beam-epsilon-anneal-updates "$BEAM_EPSILON_ANNEAL_UPDATES")
 
 mkdir -p "$SAVE_DIR"
 set -x
 exec "$FAIRSEQ_TRAIN" "$DATA_DIR/data-bin" --user-dir "$REPO/fairseq_plugins" \
     --task translation_soft_beam --criterion soft_beam --label-smoothing "${LABEL_SMOOTHING:-0.1}" \
     --beam-loss "${BEAM_LOSS:-hamming}" --mle-weight "${MLE_WEIGHT:-0.5}" --risk-sharpness "${RISK_SHARPNESS:-1}" \
-    --soft-beam-size "${BEAM_SIZE:-4}" --soft-beam-epsilon "${BEAM_EPSILON:-0.01}" \
+    --soft-beam-size "${BEAM_SIZE:-4}" --soft-beam-epsilon "${BEAM_EPSILON:-0.01}" "${SCHEDULE[@]}" \
     "${CANDIDATES[@]}" --search-fraction "${SEARCH_FRACTION:-1}" \
     --max-len-a "${SEARCH_MAX_LEN_A:-1.2}" --max-len-b "${SEARCH_MAX_LEN_B:-10}" \
     "${ARCH[@]}" --finetune-from-model "$INIT" \

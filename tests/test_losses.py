@@ -1,7 +1,9 @@
-"""soft_beam.losses and the search's TokenFeatures hook, on the pure-torch test double."""
+"""soft_beam.losses and the search's TokenFeatures hook, on the pure-torch test double; the
+training search's epsilon schedule, alone and through the criterion."""
 
 import pytest
 import torch
+from helpers import PLUGIN_DIR, TINY_ARCH
 from step_models import BOS, EOS, PAD, UNK, RecurrentBigram
 
 from soft_beam.losses import BEAM_LOSSES, ExpectedRisk, LossOptions, ReferenceHits, RelaxedHamming, expected_risk, relaxed_hamming
@@ -163,3 +165,108 @@ def test_training_through_the_soft_search_on_the_hamming_loss_cuts_the_hard_sear
         sum(loss_fn.sentence_loss(h, r) for h, r in zip(hyps, references)).backward()
         optimizer.step()
     assert errors() <= 0.75 * before, (before, errors())
+
+
+def test_epsilon_schedule_goes_geometrically_to_its_final_value_then_stays():
+    from fairseq_plugins.search_options import EpsilonSchedule  # imports fairseq: not at module level
+
+    schedule = EpsilonSchedule(0.1, epsilon_final=0.001, epsilon_anneal_updates=10)
+    assert schedule.at(0) == 0.1
+    assert schedule.at(5) == pytest.approx(0.01, rel=1e-12)  # N/2: the geometric mean
+    assert schedule.at(3) == pytest.approx(0.1 * 0.01**0.3, rel=1e-12)
+    assert schedule.at(10) == schedule.at(11) == schedule.at(10**6) == 0.001
+    assert EpsilonSchedule(0.1).at(0) == EpsilonSchedule(0.1).at(10**6) == 0.1  # the default: no schedule
+    with pytest.raises(ValueError, match="update must be an integer >= 0"):
+        schedule.at(-1)
+
+
+def setup_criterion(data_bin, *args):
+    from fairseq import options, tasks
+
+    import fairseq_plugins  # noqa: F401
+
+    cfg = options.parse_args_and_arch(
+        options.get_training_parser(),
+        [str(data_bin), "-s", "src", "-t", "tgt", "--user-dir", str(PLUGIN_DIR), "--task", "translation", "--criterion", "soft_beam",
+         "--cpu", *TINY_ARCH, "--soft-beam-size", "2", "--mle-weight", "0", *args],
+    )  # fmt: skip
+    task = tasks.setup_task(cfg)
+    return task, cfg, task.build_criterion(cfg)
+
+
+ANNEAL = "--soft-beam-epsilon-anneal-updates"
+FINAL = "--soft-beam-epsilon-final"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([FINAL, "0.001"], f"{ANNEAL}: epsilon_anneal_updates must be >= 1"),
+        ([ANNEAL, "5"], f"{FINAL}: epsilon_anneal_updates = 5 needs epsilon_final"),
+        ([FINAL, "0", ANNEAL, "5"], f"{FINAL}: epsilon_final must be a finite number > 0"),
+        ([FINAL, "0.01", ANNEAL, "-1"], f"{ANNEAL}: epsilon_anneal_updates must be an integer >= 0"),
+        (
+            ["--beam-loss", "risk", "--soft-beam-epsilon", "0", FINAL, "0.01", ANNEAL, "5"],
+            "--soft-beam-epsilon: epsilon must be > 0 to anneal",
+        ),
+    ],
+)
+def test_bad_epsilon_schedule_options_are_refused_by_name(tiny_data_bin_unbuilt, args, message):
+    with pytest.raises(ValueError, match=message):
+        setup_criterion(tiny_data_bin_unbuilt, *args)
+
+
+def test_the_criterion_searches_at_the_trainers_update_epsilon_and_logs_it(tiny_data_bin_unbuilt):
+    """fairseq's trainer publishes its update count as the 'num_updates' meter (also on resume);
+    the criterion reads it, so --task translation needs no hook. At update 5 of 10 from 0.5 to
+    0.005 the search is the one at a fixed epsilon of 0.05, to the bit."""
+    from fairseq import metrics
+
+    from fairseq_plugins.criterion import SoftBeamCriterion
+
+    task, cfg, annealed = setup_criterion(tiny_data_bin_unbuilt, "--soft-beam-epsilon", "0.5", FINAL, "0.005", ANNEAL, "10")
+    fixed = {eps: setup_criterion(tiny_data_bin_unbuilt, "--soft-beam-epsilon", eps)[2] for eps in ("0.5", "0.05")}
+    torch.manual_seed(0)
+    model = task.build_model(cfg).train()
+    d = task.target_dictionary
+    src = torch.randint(d.nspecial, len(d), (3, 6))  # (B, S)
+    target = torch.cat([torch.randint(d.nspecial, len(d), (3, 5)), torch.full((3, 1), d.eos())], 1)  # (B, T)
+    prev = torch.cat([torch.full((3, 1), d.eos()), target[:, :-1]], 1)  # (B, T)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((3,), 6), "prev_output_tokens": prev},
+              "target": target, "ntokens": target.numel()}  # fmt: skip
+    metrics.reset()
+    try:
+        assert annealed(model, sample)[2]["epsilon"] == 0.5  # no trainer yet: update 0
+        metrics.log_scalar("num_updates", 5, weight=0)  # as Trainer.set_num_updates does
+        loss, _, log = annealed(model, sample)
+        assert log["epsilon"] == pytest.approx(0.05, rel=1e-12)
+        assert float(loss.detach()) == float(fixed["0.05"](model, sample)[0].detach()) != float(fixed["0.5"](model, sample)[0].detach())
+        metrics.log_scalar("num_updates", 12, weight=0)
+        assert annealed(model, sample)[2]["epsilon"] == 0.005
+        with metrics.aggregate() as logged:
+            SoftBeamCriterion.reduce_metrics([log, log])
+        assert logged.get_smoothed_values()["epsilon"] == pytest.approx(0.05, abs=1e-6)
+    finally:
+        metrics.reset()
+
+
+def test_the_update_count_survives_fairseqs_resume_and_is_absent_in_validation():
+    """On resume fairseq logs the count, then replaces the stored 'default' aggregator with the
+    checkpoint's copy (metrics.load_state_dict) but keeps logging into the active one: the count
+    is read from the active aggregators, which the trainer keeps current. Validation runs under a
+    new root aggregator, where there is none."""
+    from fairseq import metrics
+
+    from fairseq_plugins.criterion import trainer_num_updates
+
+    metrics.reset()
+    try:
+        assert trainer_num_updates() is None  # a fresh run (or --finetune-from-model): update 0
+        metrics.log_scalar("num_updates", 3, weight=0)  # Trainer.load_checkpoint -> set_num_updates
+        metrics.load_state_dict(metrics.state_dict())  # then the checkpoint's metrics
+        metrics.log_scalar("num_updates", 4, weight=0)  # the next update
+        assert trainer_num_updates() == 4
+        with metrics.aggregate(new_root=True):
+            assert trainer_num_updates() is None
+    finally:
+        metrics.reset()
