@@ -1,6 +1,12 @@
 """BLEU benchmark: soft-beam fine-tuning vs. compute-matched MLE and MRT on Multi30k en->de.
 
-    python scripts/bench_bleu.py [--seeds 3] [--mle-updates N | --base CKPT] [--continue-updates N] [--work DIR]
+    python scripts/bench_bleu.py [--phase valid|final] [--base CKPT|DIR] [--config NAME=ARM[:OPTIONS] ...] [--work DIR]
+
+Two phases. ``--phase valid`` (the default, for ablations) trains or continues every configuration and
+reports validation figures only; the test sets are not decoded. ``--phase final`` also decodes every test
+set, once: WORK/test_read.json records each read (configurations, seeds, checkpoints), and a configuration
+read before is refused unless --reread-test is given, which the report states. Every choice (the base's
+checkpoint, each run's checkpoint, the configurations) is made on validation.
 
 Protocol (every step is skipped on a re-run when its outputs exist, so an interrupted run resumes):
 
@@ -9,23 +15,32 @@ Protocol (every step is skipped on a re-run when its outputs exist, so an interr
    --test-sets) into WORK/data.
 2. base: scripts/train_mle.sh trains a small transformer with label-smoothed MLE for --mle-updates
    updates (seed 1), with --eval-bleu validation every --mle-validate-every updates; trained once and
-   shared by every arm and seed. --base CKPT uses a checkpoint trained before instead (never retrained).
+   shared by every configuration and seed. --base uses a base trained before instead (never retrained):
+   a checkpoint file as it is, or a save folder (scripts/train_base.sh's). The base's candidates from its
+   folder (--base-select: best, last, avgN = scripts/average_checkpoints.py over the newest N interval
+   checkpoints) are decoded on the valid split (evaluate.py --split valid); the highest validation BLEU wins.
 3. per seed, from the base (--finetune-from-model: weights only, same fresh optimizer and the same
-   fixed learning rate --continue-lr for every arm), --continue-updates more updates of:
-   ``mle`` (scripts/train_mle.sh: the compute-matched baseline), ``mrt`` (scripts/finetune_soft_beam.sh
-   with the risk loss over the hard search, epsilon 0: classical minimum-risk training) and
-   ``soft_hamming`` / ``soft_risk`` (the same script with --beam-loss hamming / risk over the soft search),
-   validation BLEU (--beam) every --validate-every updates.
-4. evaluation of each last checkpoint on every prepared test set with scripts/evaluate.py --test-set all
-   at --beam, with a sweep over --sweep-beams: sacreBLEU BLEU (with signature), chrF, lowercased BLEU,
-   length ratio.
-5. significance: per test set, scripts/compare.py (paired bootstrap and approximate randomisation) of
-   every arm against the same seed's ``mle``, and of the soft arms against the same seed's ``mrt``;
-   then once more on the hypotheses pooled over seeds. JSONs under WORK/compare/SET/.
-6. report: per arm mean/std over seeds of BLEU and chrF, seconds per update (fairseq's train_wall summed
-   over the run / updates), ratio to the MLE arm, peak RSS of the training process (wait4 rusage); per
-   arm and test set the scores, the beam sweep and the p-values; validation BLEU over updates (PNG);
-   written to --results (markdown) and --json.
+   fixed learning rate --continue-lr for every configuration), --continue-updates more updates of each
+   configuration: the arms of --arms under their own names, ``mle`` (scripts/train_mle.sh: the
+   compute-matched baseline), ``mrt`` (scripts/finetune_soft_beam.sh with the risk loss over the hard
+   search, epsilon 0: classical minimum-risk training), ``soft_hamming`` / ``soft_risk`` / ``soft_bleu``
+   (the same script with --beam-loss hamming / risk / bleu over the soft search), and each
+   --config NAME=ARM[:fairseq options] (the options last) into WORK/seedS/NAME. Validation BLEU (--beam)
+   every --validate-every updates; fairseq keeps each run's checkpoint_best.pt by validation BLEU.
+   A killed continuation resumes from its checkpoint_last.pt; WORK/seedS/NAME/config.json makes sure a
+   folder is never reused for another configuration or base.
+4. (final) evaluation of each checkpoint_best.pt on every prepared test set with scripts/evaluate.py
+   --test-set all at --beam, with a sweep over --sweep-beams: sacreBLEU BLEU (with signature), chrF,
+   lowercased BLEU, length ratio.
+5. (final) significance: per test set, scripts/compare.py (paired bootstrap and approximate randomisation)
+   of every configuration against the same seed's --mle-config, and of the soft ones against the same
+   seed's --mrt-config; then once more on the hypotheses pooled over seeds. JSONs under WORK/compare/SET/.
+6. report: valid: the base's selection, every configuration of the work folder with its best validation
+   BLEU and the update it was reached at, the curves (WORK/validation.md by default). final: per
+   configuration mean/std over seeds of BLEU and chrF, seconds per update (fairseq's train_wall summed over
+   the run / updates), ratio to the MLE arm, peak RSS of the training process (wait4 rusage); per test set
+   the scores, the beam sweep and the p-values; the test reads; the validation (ablation) table; written
+   to --results (markdown, by default docs/results.md) and --json; validation BLEU over updates (PNG).
 """
 
 from __future__ import annotations
@@ -35,14 +50,18 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+from average_checkpoints import newest_interval_checkpoints
 from bench_common import machine_info, model_flags
+from bleu_report import fmt, fmt_p, plot, write_markdown, write_valid_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -59,8 +78,8 @@ ARM_LABELS = {
     "mrt": "MRT (risk loss, hard beam search)",
     "soft_hamming": "soft beam, hamming loss",
     "soft_risk": "soft beam, risk loss",
+    "soft_bleu": "soft beam, expected-BLEU loss",
 }
-PUBLISHED = "~37-41 BLEU (text-only transformer baselines on Multi30k en-de test2016 in the 2020-2022 multimodal MT literature)"
 
 
 class BenchError(Exception):
@@ -129,11 +148,13 @@ def train_stats(log_text: str) -> dict:
     train = recs["train"]
     updates = max([int(num(r.get("num_updates")) or 0) for r in train + recs["train_inner"]] or [0])
     train_wall = sum(num(r.get("train_wall")) or 0.0 for r in train)
-    valid = []
+    # by update: a run killed and resumed from its checkpoint_last validates some updates twice; the later counts
+    by_update = {}
     for r in recs["valid"]:
         u, b = num(r.get("num_updates")), num(r.get("bleu"))
         if u is not None:
-            valid.append({"num_updates": int(u), "bleu": b, "loss": num(r.get("loss"))})
+            by_update[int(u)] = {"num_updates": int(u), "bleu": b, "loss": num(r.get("loss"))}
+    valid = [by_update[u] for u in sorted(by_update)]
     last_inner = recs["train_inner"][-1] if recs["train_inner"] else {}
     keys = ("loss", "nll_loss", "beam_loss", "top_bleu", "solver_iters", "marginal_err", "search_steps")
     return {
@@ -210,14 +231,18 @@ def common_env(args, seed: int, updates: int) -> dict:
     }
 
 
-def train_run(args, name: str, save: Path, cmd: list, env: dict, updates: int) -> dict:
-    """Runs (or reuses) one training run; returns its stats, also saved as save/run.json."""
+def train_run(args, name: str, save: Path, cmd: list, env: dict, updates: int, identity: dict | None = None) -> dict:
+    """Runs (or reuses) one training run; returns its stats, also saved as save/run.json. identity (the
+    configuration and the base it starts from) is written to save/config.json before the first launch: a
+    folder that holds another configuration's run is refused instead of being resumed or reused."""
+    check_identity(save, identity)
     marker = save / "run.json"
     if marker.is_file() and (save / "checkpoint_last.pt").is_file():
         stats = json.loads(marker.read_text())
         if stats.get("num_updates", 0) >= updates:
             print(f"[bench] {name}: done before ({marker}), reusing", flush=True)
             return stats
+    # a killed run left checkpoint_last.pt: fairseq resumes from it (--finetune-from-model applies only without it)
     log = save / "train.log"
     proc = run_logged(cmd, log, env)
     stats = train_stats(log.read_text(encoding="utf-8", errors="replace"))
@@ -228,6 +253,7 @@ def train_run(args, name: str, save: Path, cmd: list, env: dict, updates: int) -
         max_rss_mib=proc["max_rss_mib"],
         checkpoint=str(save / "checkpoint_last.pt"),
         log=str(log),
+        identity=identity,
     )
     if stats["num_updates"] < updates or not (save / "checkpoint_last.pt").is_file():
         raise BenchError(f"{name}: expected {updates} updates and {save}/checkpoint_last.pt; log says {stats['num_updates']} ({log})")
@@ -235,33 +261,60 @@ def train_run(args, name: str, save: Path, cmd: list, env: dict, updates: int) -
     return stats
 
 
-def cached_eval(args, checkpoint: Path, out: Path) -> dict | None:
-    """out's evaluation if it is of this checkpoint, with today's test sets and beams, and newer than the
+def check_identity(save: Path, identity: dict | None) -> None:
+    if identity is None:
+        return
+    path = save / "config.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != identity:
+            raise BenchError(
+                f"{save} holds a run of another configuration or base ({path}: {json.dumps(recorded)}; now: {json.dumps(identity)}); "
+                "give this configuration another --config name, or use another --work"
+            )
+        return
+    save.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+def eval_spec(args, split: str) -> tuple[list[str], list | None, list[str]]:
+    """What evaluate.py decodes: the set names of its result, the beam sweep, its options."""
+    if split == "valid":
+        return ["valid"], None, ["--split", "valid"]
+    return args.test_set_names, args.sweep_beams, ["--test-set", "all", "--beams", ",".join(map(str, args.sweep_beams))]
+
+
+def cached_eval(args, checkpoint: Path, out: Path, split: str = "test") -> dict | None:
+    """out's evaluation if it is of this checkpoint, with today's sets and beams, and newer than the
     checkpoint; else None. The JSON is evaluate.py's last write, so it exists only for a finished run."""
     try:
         result = json.loads(out.read_text())
         fresh = out.stat().st_mtime >= checkpoint.stat().st_mtime
     except (OSError, ValueError):
         return None
+    sets, beams, _ = eval_spec(args, split)
     same = (
         Path(result.get("checkpoint", "")) == checkpoint.resolve()
         and result.get("beam") == args.beam
-        and result.get("beams") == args.sweep_beams
-        and list(result.get("sets") or {}) == args.test_set_names
+        and result.get("beams") == beams
+        and list(result.get("sets") or {}) == sets
     )
     return result if fresh and same else None
 
 
-def evaluate(args, data: Path, checkpoint: Path, out: Path, reuse: tuple[Path, ...] = ()) -> dict:
-    """Every prepared test set at --beam, with the --sweep-beams sweep; out (or a valid one of reuse) is the cache."""
+def evaluate(args, data: Path, checkpoint: Path, out: Path, reuse: tuple[Path, ...] = (), split: str = "test") -> dict:
+    """split "test": every prepared test set at --beam with the --sweep-beams sweep, only in --phase final;
+    split "valid": the valid set at --beam. out (or a valid one of reuse) is the cache."""
+    if split != "valid" and args.phase != "final":
+        raise BenchError(f"{checkpoint}: the test sets are decoded only in --phase final (this is --phase {args.phase})")
     for cached in (out, *reuse):
-        result = cached_eval(args, checkpoint, cached)
+        result = cached_eval(args, checkpoint, cached, split)
         if result is not None:
-            print(f"[bench] evaluation of {checkpoint}: done before ({cached}), reusing", flush=True)
+            print(f"[bench] evaluation of {checkpoint} ({split}): done before ({cached}), reusing", flush=True)
             return result
     cmd = [
         PYTHON, ROOT / "scripts" / "evaluate.py", "--data", data, "--checkpoint", checkpoint,
-        "--test-set", "all", "--beam", args.beam, "--beams", ",".join(map(str, args.sweep_beams)),
+        *eval_spec(args, split)[2], "--beam", args.beam,
         "--lenpen", "1.0", "--max-len-a", args.eval_max_len_a, "--max-len-b", args.eval_max_len_b,
         "--task", "translation_soft_beam", "--output", out,
         # no JSON means no finished evaluation: hypotheses left by a killed or older run are replaced
@@ -276,30 +329,99 @@ def evaluate(args, data: Path, checkpoint: Path, out: Path, reuse: tuple[Path, .
 
 
 def base_run(args, data: Path) -> tuple[dict, Path]:
-    """The MLE base: trained once into WORK/mle_base, or the checkpoint given by --base (never retrained)."""
+    """The MLE base's training run (trained once into WORK/mle_base, or given by --base: never retrained) and
+    the folder its candidates come from; --base FILE is the base itself (its folder: None)."""
     if args.base is None:
         base_dir = args.work / "mle_base"
         env = common_env(args, 1, args.mle_updates) | {"LR": str(args.mle_lr), "WARMUP": str(args.mle_warmup)}
-        cmd = ["bash", ROOT / "scripts" / "train_mle.sh", data, base_dir,
-               *eval_bleu_args(args, args.mle_validate_every), *shlex.split(args.train_extra)]  # fmt: skip
-        return train_run(args, "mle_base", base_dir, cmd, env, args.mle_updates), base_dir / "checkpoint_last.pt"
-    ckpt = args.base
-    print(f"[bench] mle_base: --base {ckpt}, not trained here", flush=True)
+        keep = max([8] + [int(c[3:]) for c in args.base_select if c.startswith("avg")])
+        cmd = ["bash", ROOT / "scripts" / "train_mle.sh", data, base_dir, *eval_bleu_args(args, args.mle_validate_every),
+               *select_args(args.mle_validate_every, keep), *shlex.split(args.train_extra)]  # fmt: skip
+        return train_run(args, "mle_base", base_dir, cmd, env, args.mle_updates), base_dir
+    folder = args.base if args.base.is_dir() else None
+    print(f"[bench] mle_base: --base {args.base}, not trained here", flush=True)
     stats = {"name": "mle_base", "num_updates": None, "sec_per_update": None, "process_wall_s": 0.0, "max_rss_mib": None,
-             "valid": [], "last_train_inner": {}, "command": f"(--base {ckpt}: trained elsewhere)"}  # fmt: skip
-    marker = ckpt.parent / "run.json"  # a base trained by this script describes itself
+             "valid": [], "last_train_inner": {}, "command": f"(--base {args.base}: trained elsewhere)"}  # fmt: skip
+    marker = (folder or args.base.parent) / "run.json"  # a base trained by this script describes itself
     if marker.is_file():
         recorded = json.loads(marker.read_text())
-        if Path(recorded.get("checkpoint", "")).resolve() == ckpt:
-            stats |= recorded
-    return stats | {"checkpoint": str(ckpt), "reused_base": str(ckpt)}, ckpt
+        if folder is not None or Path(recorded.get("checkpoint", "")).resolve() == args.base:
+            stats |= {k: v for k, v in recorded.items() if k != "checkpoint"}
+    return stats | {"reused_base": str(args.base)}, folder
 
 
-def arm_command(args, arm: str, data: Path, base_ckpt: Path, save: Path, seed: int) -> tuple[list, dict]:
-    """The continuation of one arm from the base: fairseq-train's command and environment."""
+def select_args(every: int, keep: int) -> list[str]:
+    """fairseq-train keeps checkpoint_best.pt by validation BLEU, saved at every validation (without
+    --save-interval-updates a validation between epoch ends would not save), and the newest keep interval ones."""
+    return ["--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+            "--save-interval-updates", str(every), "--keep-interval-updates", str(keep)]  # fmt: skip
+
+
+def base_candidates(args, folder: Path) -> dict[str, Path]:
+    """--base-select's candidates found in folder; avgN is averaged into WORK/mle_base (never into a --base folder)."""
+    out = {}
+    for cand in args.base_select:
+        if cand in ("best", "last"):
+            path = folder / f"checkpoint_{cand}.pt"
+            if path.is_file():
+                out[cand] = path
+            else:
+                print(f"[bench] base candidate {cand}: no {path}, skipped", flush=True)
+            continue
+        try:
+            inputs = newest_interval_checkpoints(folder, int(cand[3:]))
+        except ValueError as e:
+            print(f"[bench] base candidate {cand}: skipped ({e})", flush=True)
+            continue
+        out[cand] = averaged_checkpoint(inputs, args.work / "mle_base" / f"checkpoint_{cand}.pt")
+    if not out:
+        raise BenchError(f"none of --base-select {','.join(args.base_select)} is available in {folder}")
+    return out
+
+
+def averaged_checkpoint(inputs: list[Path], out: Path) -> Path:
+    """scripts/average_checkpoints.py's average of inputs at out, reused while newer than them and of the same inputs."""
+    record = out.with_suffix(".json")
+    try:
+        same = json.loads(record.read_text())["inputs"] == [str(p) for p in inputs]
+        if same and out.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
+            print(f"[bench] {out.name}: averaged before, reusing", flush=True)
+            return out
+    except (OSError, ValueError, KeyError):
+        pass
+    cmd = [PYTHON, ROOT / "scripts" / "average_checkpoints.py", "--inputs", *inputs, "--output", out]
+    run_logged(cmd, out.with_suffix(".log"))
+    record.write_text(json.dumps({"inputs": [str(p) for p in inputs]}, indent=2) + "\n")
+    return out
+
+
+def select_base(args, data: Path, folder: Path | None) -> tuple[Path, dict]:
+    """The base checkpoint: --base FILE as given, else the candidate of the highest validation BLEU
+    (evaluate.py --split valid at --beam; a tie goes to the earlier in --base-select). Never the test sets."""
+    if folder is None:
+        return args.base, {"given": str(args.base), "candidates": {}, "selected": None}
+    table = {}
+    for cand, path in base_candidates(args, folder).items():
+        r = evaluate(args, data, path, args.work / "mle_base" / "select" / f"{cand}.valid.eval.json", split="valid")
+        table[cand] = {"checkpoint": str(path), "valid_bleu": r["bleu"], "valid_chrf": r["chrf"], "bleu_signature": r["bleu_signature"]}
+    best = max(table, key=lambda c: table[c]["valid_bleu"])
+    print(f"[bench] base: {best} ({table[best]['checkpoint']}), valid BLEU {table[best]['valid_bleu']:.2f}", flush=True)
+    return Path(table[best]["checkpoint"]), {"given": None, "candidates": table, "selected": best}
+
+
+def base_identity(ckpt: Path) -> dict:
+    st = ckpt.stat()
+    return {"checkpoint": str(ckpt), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def arm_command(args, config: Config, data: Path, base_ckpt: Path, save: Path, seed: int) -> tuple[list, dict]:
+    """The continuation of one configuration from the base: fairseq-train's command and environment; the
+    configuration's own fairseq options come last, so they override everything before them."""
+    arm = config.arm
     env = common_env(args, seed, args.continue_updates) | {"MAX_TOKENS": str(args.continue_max_tokens)}
     cont_opt = ["--lr-scheduler", "fixed", "--lr", str(args.continue_lr), "--warmup-updates", "0"]
-    extra = [*cont_opt, *eval_bleu_args(args, args.validate_every), *shlex.split(args.train_extra)]
+    extra = [*cont_opt, *eval_bleu_args(args, args.validate_every), *select_args(args.validate_every, 1),
+             *shlex.split(args.train_extra), *config.options]  # fmt: skip
     if arm == "mle":
         return ["bash", ROOT / "scripts" / "train_mle.sh", data, save, "--finetune-from-model", base_ckpt, *extra], env
     # mrt is the risk loss over the hard search (epsilon 0): everything else as the soft arms, so that
@@ -318,6 +440,19 @@ def arm_command(args, arm: str, data: Path, base_ckpt: Path, save: Path, seed: i
     return ["bash", ROOT / "scripts" / "finetune_soft_beam.sh", data, base_ckpt, save, *extra], env
 
 
+def train_configs(args, data: Path, base_ckpt: Path) -> dict[str, list[dict]]:
+    """Every configuration, every seed, from the same base for the same number of updates (WORK/seedS/NAME)."""
+    runs, base_id = {}, base_identity(base_ckpt)
+    for seed in range(1, args.seeds + 1):
+        for name, config in args.configs.items():
+            save = args.work / f"seed{seed}" / name
+            cmd, env = arm_command(args, config, data, base_ckpt, save, seed)
+            identity = {"config": name, "arm": config.arm, "options": list(config.options), "base": base_id}
+            stats = train_run(args, f"seed{seed}/{name}", save, cmd, env, args.continue_updates, identity)
+            runs.setdefault(name, []).append(stats | {"seed": seed})
+    return runs
+
+
 def run_protocol(args) -> dict:
     t_start = time.time()
     data = prepare_data(args)
@@ -325,34 +460,207 @@ def run_protocol(args) -> dict:
     # evaluate.py --test-set all scores the sets in prep.json's order; the first is the headline set
     args.test_set_names = list((prep.get("test_sets") or {"test": "test"}).values())
 
-    base_stats, base_ckpt = base_run(args, data)
-    runs = {"mle_base": [base_stats]}
+    base_stats, folder = base_run(args, data)
+    base_ckpt, selection = select_base(args, data, folder)
+    base_stats |= {"checkpoint": str(base_ckpt), "selection": selection}
+    if args.base_only:
+        return {"mle_base": {"train": base_stats, "selection": selection}}
+    runs = train_configs(args, data, base_ckpt) | {"mle_base": [base_stats]}
+    validation = collect_validation(args)
+    if args.phase == "valid":
+        return valid_summary(args, prep, runs, validation, time.time() - t_start)
+
+    plan = test_plan(args, base_ckpt)
+    marker = args.work / "test_read.json"
+    read = claim_test_read(marker, plan, args.reread_test, shlex.join([Path(sys.executable).name, *sys.argv]))
     reuse = (base_ckpt.parent / "test.eval.json",) if args.base else ()
     evals = {"mle_base": [evaluate(args, data, base_ckpt, args.work / "mle_base" / "test.eval.json", reuse)]}
-    if args.base_only:
-        return {"mle_base": {"train": runs["mle_base"][0], "test": evals["mle_base"][0]}}
-
-    for seed in range(1, args.seeds + 1):
-        for arm in args.arms:
-            save = args.work / f"seed{seed}" / arm
-            cmd, env = arm_command(args, arm, data, base_ckpt, save, seed)
-            runs.setdefault(arm, []).append(train_run(args, f"seed{seed}/{arm}", save, cmd, env, args.continue_updates) | {"seed": seed})
-            evals.setdefault(arm, []).append(evaluate(args, data, save / "checkpoint_last.pt", save / "test.eval.json"))
-
+    for name in args.configs:
+        for seed in range(1, args.seeds + 1):
+            save = args.work / f"seed{seed}" / name
+            evals.setdefault(name, []).append(evaluate(args, data, save / "checkpoint_best.pt", save / "test.eval.json"))
     sig = significance(args, evals)
-    return summarise(args, prep, runs, evals, sig, time.time() - t_start)
+    reads = finish_test_read(marker, read)
+    summary = summarise(args, prep, runs, evals, sig, time.time() - t_start)
+    return summary | {"validation": validation, "test_reads": reads, "phase": "final"}
+
+
+# ---------------------------------------------------------------- configurations (--arms, --config)
+
+ARMS = ("mle", "mrt", "soft_hamming", "soft_risk", "soft_bleu")
+DEFAULT_ARMS = ("mle", "mrt", "soft_hamming", "soft_risk")
+CONFIG_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+RESERVED_NAMES = ("mle_base",)
+
+
+class Config(NamedTuple):
+    """A configuration: an arm and the fairseq-train options added to it (last, so they win)."""
+
+    name: str
+    arm: str
+    options: tuple[str, ...] = ()
+
+
+def parse_config(text: str) -> Config:
+    """--config NAME=ARM[:fairseq options] -> Config; ValueError saying what is wrong with text."""
+    m = re.fullmatch(r"([^=:]*)=([^:]*)(?::(.*))?", text, re.S)
+    if m is None:
+        raise ValueError(f"--config {text!r}: expected NAME=ARM[:fairseq options], e.g. eps0.1=soft_hamming:'--soft-beam-epsilon 0.1'")
+    name, arm, opts = m.groups()
+    if not CONFIG_NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
+        raise ValueError(
+            f"--config {text!r}: the name {name!r} must start with a letter or digit and hold only letters, digits, '.', '_', '+', '-' "
+            f"(it names the work folder seedS/NAME), and not be {', '.join(RESERVED_NAMES)}"
+        )
+    if arm not in ARMS:
+        raise ValueError(f"--config {text!r}: unknown arm {arm!r} (one of {', '.join(ARMS)})")
+    try:
+        options = tuple(shlex.split(opts or ""))
+    except ValueError as e:
+        raise ValueError(f"--config {text!r}: cannot split its fairseq options {opts!r} ({e})") from None
+    if opts is not None and not options:
+        raise ValueError(f"--config {text!r}: nothing after ':' (drop the ':' for the arm's defaults)")
+    if options and not options[0].startswith("-"):
+        raise ValueError(f"--config {text!r}: the fairseq options must start with an option such as --lr (got {options[0]!r})")
+    return Config(name, arm, options)
+
+
+def build_configs(arms: list[str], specs: list[str], mle_name: str, mrt_name: str | None) -> tuple[dict, str | None]:
+    """The configurations (each of arms under its own name, then each --config) and the MRT baseline's name
+    (mrt_name, else "mrt" when there is one); ValueError for a repeated name or a baseline of the wrong arm."""
+    configs: dict[str, Config] = {}
+    for config in [Config(a, a) for a in arms] + [parse_config(s) for s in specs]:
+        if config.name in configs:
+            raise ValueError(f"--config/--arms: the name {config.name!r} is given twice (each configuration needs its own)")
+        configs[config.name] = config
+    if configs.get(mle_name, Config("", "")).arm != "mle":
+        raise ValueError(f"--mle-config {mle_name!r}: no configuration of arm mle by that name (the compute-matched baseline is required)")
+    if mrt_name is None:
+        return configs, ("mrt" if configs.get("mrt", Config("", "")).arm == "mrt" else None)
+    if configs.get(mrt_name, Config("", "")).arm != "mrt":
+        raise ValueError(f"--mrt-config {mrt_name!r}: no configuration of arm mrt by that name")
+    return configs, mrt_name
+
+
+def parse_base_select(text: str) -> list[str]:
+    """--base-select: comma-separated best, last, avgN (N >= 1), each once."""
+    cands = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in cands if c not in ("best", "last") and not re.fullmatch(r"avg[1-9][0-9]*", c)]
+    if not cands or bad or len(set(cands)) != len(cands):
+        raise ValueError(f"--base-select {text!r}: give best, last and/or avgN (N >= 1), comma-separated, each once")
+    return cands
+
+
+# ---------------------------------------------------------------- the test sets, read once (--phase final)
+
+
+def test_plan(args, base_ckpt: Path) -> dict:
+    """What the final phase decodes on the test sets: per configuration its arm, options, seeds and checkpoints."""
+    configs = {"mle_base": {"arm": "mle", "options": [], "seeds": [1], "checkpoints": [str(base_ckpt)]}}
+    seeds = list(range(1, args.seeds + 1))
+    for name, c in args.configs.items():
+        ckpts = [str(args.work / f"seed{s}" / name / "checkpoint_best.pt") for s in seeds]
+        missing = [c for c in ckpts if not Path(c).is_file()]
+        if missing:
+            raise BenchError(
+                f"{missing[0]} not found: a run trained before runs kept their best checkpoint? Remove its folder to retrain it"
+            )
+        configs[name] = {"arm": c.arm, "options": list(c.options), "seeds": seeds, "checkpoints": ckpts}
+    return {"configs": configs, "test_sets": list(args.test_set_names)}
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def claim_test_read(marker: Path, plan: dict, reread: bool, command: str) -> int:
+    """Records in marker that the test sets are read for plan's configurations, before any is decoded; returns
+    the read's index. An unfinished read of the same plan is resumed (a killed final phase). Raises BenchError
+    when a configuration of plan was read before, unless reread (--reread-test), which the read then records."""
+    reads = json.loads(marker.read_text())["reads"] if marker.is_file() else []
+    last = reads[-1] if reads else None
+    if last is not None and last["finished"] is None and {k: last[k] for k in plan} == plan:
+        print(f"[bench] resuming the unfinished test read of {last['started']} ({marker})", flush=True)
+        return len(reads) - 1
+    before = [name for name in plan["configs"] if any(name in r["configs"] for r in reads)]
+    if before and not reread:
+        when = ", ".join(r["started"] for r in reads)
+        raise BenchError(
+            f"the test sets were already read for {', '.join(before)} ({marker}: read(s) of {when}); the test is read "
+            "once, for the final table. Pass --reread-test to read it again (the report will say so)"
+        )
+    now = dt.datetime.now().isoformat(timespec="seconds")
+    reads.append({"started": now, "finished": None, "reread": before, "command": command} | plan)
+    write_json_atomic(marker, {"reads": reads})
+    return len(reads) - 1
+
+
+def finish_test_read(marker: Path, index: int) -> dict:
+    """Marks read index finished; returns what the report says about the test reads."""
+    reads = json.loads(marker.read_text())["reads"]
+    reads[index]["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+    write_json_atomic(marker, {"reads": reads})
+    brief = [{k: r[k] for k in ("started", "finished", "reread")} | {"configs": list(r["configs"])} for r in reads]
+    return {"file": str(marker), "this_read": index, "reads": brief}
+
+
+# ---------------------------------------------------------------- validation figures (every configuration)
+
+
+def best_point(points: list[dict]) -> dict | None:
+    """The validation of the highest BLEU, the later on a tie: the one fairseq's checkpoint_best.pt holds
+    (it replaces the best on >= with --maximize-best-checkpoint-metric)."""
+    scored = [p for p in points if p.get("bleu") is not None]
+    return max(scored, key=lambda p: (p["bleu"], p["num_updates"])) if scored else None
+
+
+def config_validation(name: str, runs: list[dict], in_this_run: bool) -> dict:
+    """One configuration over its seeds: best validation BLEU (mean, std), the update of each, the last BLEU."""
+    ident = runs[0].get("identity") or {"arm": name if name in ARMS else "?", "options": []}
+    out = {"arm": ident["arm"], "options": ident["options"], "seeds": [r["seed"] for r in runs], "in_this_run": in_this_run,
+           "updates": [r.get("num_updates") for r in runs], "label": config_label(name, ident["arm"], ident["options"])}  # fmt: skip
+    best = [best_point(r.get("valid", [])) for r in runs]
+    with_stats(out, "best_bleu", [b["bleu"] if b else None for b in best])
+    out["best_update"] = [b["num_updates"] if b else None for b in best]
+    last = [next((p["bleu"] for p in reversed(r.get("valid", [])) if p.get("bleu") is not None), None) for r in runs]
+    with_stats(out, "last_bleu", last)
+    out["sec_per_update"] = mean_std([r.get("sec_per_update") for r in runs])[0]
+    return out
+
+
+def collect_validation(args) -> dict[str, dict]:
+    """Every configuration trained in the work folder (WORK/seedS/NAME/run.json), of this invocation or an
+    earlier one, best validation BLEU first: the ablation table."""
+    found: dict[str, list[dict]] = {}
+    for marker in args.work.glob("seed*/*/run.json"):
+        seed = marker.parent.parent.name.removeprefix("seed")
+        if seed.isdigit():
+            found.setdefault(marker.parent.name, []).append(json.loads(marker.read_text()) | {"seed": int(seed)})
+    table = {name: config_validation(name, sorted(rs, key=lambda r: r["seed"]), name in args.configs) for name, rs in found.items()}
+    return dict(sorted(table.items(), key=lambda kv: -(kv[1]["best_bleu_mean"] if kv[1]["best_bleu_mean"] is not None else -1e9)))
+
+
+def config_label(name: str, arm: str, options) -> str:
+    label = ARM_LABELS.get(arm, arm)
+    if name == arm and not options:
+        return label
+    return f"{name}: {label}" + (f", `{shlex.join(options)}`" if options else "")
 
 
 # ---------------------------------------------------------------- significance (scripts/compare.py)
 
 
-def comparisons(arms: list[str]) -> list[tuple[str, list[str]]]:
-    """(baseline, systems): every arm against the MLE continuation, the soft arms against MRT too."""
-    out = [("mle", [a for a in arms if a != "mle"])]
-    soft = [a for a in arms if a.startswith("soft_")]
-    if "mrt" in arms and soft:
-        out.append(("mrt", soft))
-    return [(b, s) for b, s in out if s]
+def comparisons(configs: dict, mle: str, mrt: str | None) -> list[tuple[str, str, list[str]]]:
+    """(role, baseline, systems): every configuration against the MLE continuation (role "mle"), the soft
+    ones against MRT (role "mrt") too; by configuration name."""
+    out = [("mle", mle, [n for n in configs if n != mle])]
+    soft = [n for n, c in configs.items() if c.arm.startswith("soft_")]
+    if mrt is not None and soft:
+        out.append(("mrt", mrt, soft))
+    return [(r, b, s) for r, b, s in out if s]
 
 
 def run_compare(args, ref: Path, baseline: Path, systems: list[Path], out: Path) -> dict:
@@ -400,25 +708,25 @@ def compare_entry(result: dict, i: int, path: Path) -> dict:
 
 
 def significance(args, evals: dict) -> dict:
-    """set -> baseline arm -> system arm -> {"per_seed": [entry per seed], "pooled": entry}, each entry from
-    compare.py (paired bootstrap and approximate randomisation, BLEU and chrF); JSONs under WORK/compare."""
+    """set -> role ("mle", "mrt") -> system configuration -> {"per_seed": [entry per seed], "pooled": entry}, each
+    entry from compare.py (paired bootstrap and approximate randomisation, BLEU and chrF); JSONs under WORK/compare."""
     out = {}
     for name in args.test_set_names:
-        ref = Path(evals["mle"][0]["sets"][name]["references_file"])
-        hyp = {arm: [Path(e["sets"][name]["hypotheses_file"]) for e in evals[arm]] for arm in args.arms}
+        ref = Path(evals[args.mle_config][0]["sets"][name]["references_file"])
+        hyp = {c: [Path(e["sets"][name]["hypotheses_file"]) for e in evals[c]] for c in args.configs}
         folder = args.work / "compare" / name
-        for baseline, systems in comparisons(args.arms):
-            per = out.setdefault(name, {}).setdefault(baseline, {arm: {"per_seed": []} for arm in systems})
+        for role, baseline, systems in comparisons(args.configs, args.mle_config, args.mrt_config):
+            per = out.setdefault(name, {}).setdefault(role, {c: {"per_seed": []} for c in systems})
             for i, seed in enumerate(range(1, args.seeds + 1)):
-                path = folder / f"seed{seed}.vs_{baseline}.json"
-                result = run_compare(args, ref, hyp[baseline][i], [hyp[a][i] for a in systems], path)
-                for j, arm in enumerate(systems):
-                    per[arm]["per_seed"].append(compare_entry(result, j, path) | {"seed": seed})
-            pooled = {arm: pool(hyp[arm], ref, folder / "pooled" / f"{arm}.hyp.txt")[0] for arm in [baseline, *systems]}
-            path = folder / f"pooled.vs_{baseline}.json"
-            result = run_compare(args, folder / "pooled" / "ref.txt", pooled[baseline], [pooled[a] for a in systems], path)
-            for j, arm in enumerate(systems):
-                per[arm]["pooled"] = compare_entry(result, j, path) | {"seeds": list(range(1, args.seeds + 1))}
+                path = folder / f"seed{seed}.vs_{role}.json"
+                result = run_compare(args, ref, hyp[baseline][i], [hyp[c][i] for c in systems], path)
+                for j, c in enumerate(systems):
+                    per[c]["per_seed"].append(compare_entry(result, j, path) | {"seed": seed})
+            pooled = {c: pool(hyp[c], ref, folder / "pooled" / f"{c}.hyp.txt")[0] for c in [baseline, *systems]}
+            path = folder / f"pooled.vs_{role}.json"
+            result = run_compare(args, folder / "pooled" / "ref.txt", pooled[baseline], [pooled[c] for c in systems], path)
+            for j, c in enumerate(systems):
+                per[c]["pooled"] = compare_entry(result, j, path) | {"seeds": list(range(1, args.seeds + 1))}
     return out
 
 
@@ -454,11 +762,13 @@ def set_summary(entries: list[dict], sig: dict) -> dict:
     return out
 
 
-def arm_summary(arm: str, rs: list[dict], es: list[dict], sig: dict) -> dict:
-    """An arm over its seeds; bleu/chrf (and their mean, std) are the first test set's, the headline one."""
+def arm_summary(name: str, arm: str, rs: list[dict], es: list[dict], sig: dict) -> dict:
+    """A configuration over its seeds; bleu/chrf (and their mean, std) are the first test set's, the headline one."""
     spu = [r.get("sec_per_update") for r in rs]
     spu_fallback = [r["process_wall_s"] / r["num_updates"] for r in rs if r.get("num_updates")]
-    a = {"label": ARM_LABELS.get(arm, arm), "n_seeds": len(es), "seeds": [r.get("seed", 1) for r in rs]}
+    options = (rs[0].get("identity") or {}).get("options", []) if rs else []
+    label = ARM_LABELS["mle_base"] if name == "mle_base" else config_label(name, arm, options)
+    a = {"label": label, "arm": arm, "options": options, "n_seeds": len(es), "seeds": [r.get("seed", 1) for r in rs]}
     with_stats(a, "bleu", [e["bleu"] for e in es])
     with_stats(a, "chrf", [e["chrf"] for e in es])
     rss = [r["max_rss_mib"] for r in rs if r.get("max_rss_mib") is not None]
@@ -470,18 +780,19 @@ def arm_summary(arm: str, rs: list[dict], es: list[dict], sig: dict) -> dict:
         "valid_curves": [{"seed": r.get("seed", 1), "points": r["valid"]} for r in rs],
         "last_train_inner": [r.get("last_train_inner", {}) for r in rs],
         "commands": [r["command"] for r in rs],
+        "checkpoints": [e.get("checkpoint") for e in es],
         "eval_files": [e.get("generate_output") for e in es],
         "sets": {
-            name: set_summary([e["sets"][name] for e in es], {b: s.get(arm) for b, s in sig.get(name, {}).items()})
-            for name in es[0]["sets"]
+            set_name: set_summary([e["sets"][set_name] for e in es], {role: s.get(name) for role, s in sig.get(set_name, {}).items()})
+            for set_name in (es[0]["sets"] if es else {})
         },
     }
 
 
-def add_ratios(arms: dict) -> None:
-    mle = arms.get("mle", {})
-    for arm, a in arms.items():
-        if arm == "mle_base":  # other batch size and schedule: no per-update comparison
+def add_ratios(arms: dict, mle_name: str) -> None:
+    mle = arms.get(mle_name, {})
+    for name, a in arms.items():
+        if name == "mle_base":  # other batch size and schedule: no per-update comparison
             a["cost_ratio_vs_mle"] = a["process_cost_ratio_vs_mle"] = None
             a["delta_bleu_vs_mle"] = None
             continue
@@ -502,26 +813,45 @@ def sig_entries(sig: dict):
                 yield from [*entry["per_seed"], entry["pooled"]]
 
 
+def common_summary(args, prep, runs, elapsed, eval_s: float) -> dict:
+    """What both phases' reports say about the run: when, how, where, with which settings and base."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "configs"}
+    settings["configs"] = {n: {"arm": c.arm, "options": list(c.options)} for n, c in args.configs.items()}
+    base = runs["mle_base"][0]
+    return {
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "elapsed_s": elapsed,
+        "compute_s": sum(r.get("process_wall_s", 0.0) for rs in runs.values() for r in rs) + eval_s,
+        "machine": machine_info("cuda" if args.gpu else "cpu"),
+        "settings": settings,
+        "data": prep,
+        "base": {"checkpoint": base["checkpoint"], "reused": args.base is not None, "selection": base["selection"]},
+        "baselines": {"mle": args.mle_config, "mrt": args.mrt_config},
+    }
+
+
+def valid_summary(args, prep, runs, validation, elapsed) -> dict:
+    """--phase valid: validation figures only (the test sets are not decoded)."""
+    arms = {name: arm_summary(name, "mle" if name == "mle_base" else args.configs[name].arm, rs, [], {}) for name, rs in runs.items()}
+    for a in arms.values():
+        a["n_seeds"] = len(a["seeds"])
+    return common_summary(args, prep, runs, elapsed, 0.0) | {"phase": "valid", "validation": validation, "arms": arms}
+
+
 def summarise(args, prep, runs, evals, sig, elapsed) -> dict:
-    arms = {arm: arm_summary(arm, runs.get(arm, []), evals.get(arm, []), sig) for arm in ["mle_base", *args.arms]}
-    add_ratios(arms)
+    names = ["mle_base", *args.configs]
+    arms = {n: arm_summary(n, "mle" if n == "mle_base" else args.configs[n].arm, runs.get(n, []), evals.get(n, []), sig) for n in names}
+    add_ratios(arms, args.mle_config)
     first = evals["mle_base"][0]
-    soft = [a for k, a in arms.items() if k.startswith("soft_")]
+    soft = [a for a in arms.values() if a["arm"].startswith("soft_")]
     targets = {
         "soft_beam_plus_1_bleu": {a["label"]: (a["delta_bleu_vs_mle"] is not None and a["delta_bleu_vs_mle"] >= 1.0) for a in soft},
         "cost_ratio_at_most_3x": {a["label"]: (a["cost_ratio_vs_mle"] is not None and a["cost_ratio_vs_mle"] <= 3.0) for a in soft},
         "full_protocol": args.seeds >= 3 and not args.subset and not args.tiny,
     }
-    return {
-        "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "elapsed_s": elapsed,
-        "compute_s": sum(r.get("process_wall_s", 0.0) for rs in runs.values() for r in rs)
-        + sum(e.get("process_wall_s", 0.0) for es in evals.values() for e in es),
-        "machine": machine_info("cuda" if args.gpu else "cpu"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": prep,
-        "base": {"checkpoint": runs["mle_base"][0]["checkpoint"], "reused": args.base is not None},
+    eval_s = sum(e.get("process_wall_s", 0.0) for es in evals.values() for e in es)
+    return common_summary(args, prep, runs, elapsed, eval_s) | {
         "test_sets": {name: first["sets"][name]["n_sentences"] for name in first["sets"]},
         "bleu_signature": first["bleu_signature"],
         "chrf_signature": first["chrf_signature"],
@@ -532,254 +862,7 @@ def summarise(args, prep, runs, evals, sig, elapsed) -> dict:
     }
 
 
-def plot(summary: dict, path: Path, mle_updates: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = summary["arms"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    base_pts = [p for p in arms["mle_base"]["valid_curves"][0]["points"] if p["bleu"] is not None]
-    start = base_pts[-1]["bleu"] if base_pts else None
-    colors = {"mle_base": "black", "mle": "tab:blue", "mrt": "tab:red", "soft_hamming": "tab:orange", "soft_risk": "tab:green"}
-    for ax, zoom in zip(axes, (False, True), strict=True):
-        if not zoom and base_pts:
-            ax.plot(
-                [p["num_updates"] for p in base_pts],
-                [p["bleu"] for p in base_pts],
-                "o-",
-                color="black",
-                label=ARM_LABELS["mle_base"],
-            )
-        for arm, a in arms.items():
-            if arm == "mle_base":
-                continue
-            by_update: dict[int, list[float]] = {}
-            for curve in a["valid_curves"]:
-                for p in curve["points"]:
-                    if p["bleu"] is not None:
-                        by_update.setdefault(p["num_updates"], []).append(p["bleu"])
-            xs = sorted(by_update)
-            if not xs:
-                continue
-            ys = [statistics.fmean(by_update[x]) for x in xs]
-            lo = [min(by_update[x]) for x in xs]
-            hi = [max(by_update[x]) for x in xs]
-            gx = [mle_updates + x for x in xs]
-            if start is not None:
-                gx, ys, lo, hi = [mle_updates, *gx], [start, *ys], [start, *lo], [start, *hi]
-            c = colors.get(arm)
-            ax.plot(gx, ys, "o-", color=c, label=f"{a['label']} (mean of {a['n_seeds']})")
-            if a["n_seeds"] > 1:
-                ax.fill_between(gx, lo, hi, color=c, alpha=0.15)
-        ax.set_xlabel("updates (base MLE, then continuation)")
-        ax.set_ylabel("valid BLEU (beam 5, fairseq --eval-bleu)")
-        ax.set_title("continuation only" if zoom else "whole schedule")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Multi30k en-de: validation BLEU over updates")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def fmt(x, nd=2):
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def fmt_p(x):
-    return "n/a" if x is None else ("<0.001" if x < 0.001 else f"{x:.3f}")
-
-
-def md_header(summary: dict, rel_json: str) -> list[str]:
-    s, base = summary["settings"], summary["arms"]["mle_base"]
-    L = ["# Results: soft-beam fine-tuning vs. compute-matched MLE on Multi30k en-de\n"]
-    L.append(
-        f"Generated by `scripts/bench_bleu.py` on {summary['created']}; the training and evaluation processes took "
-        f"{summary['compute_s'] / 60:.1f} min wall-clock in all (this invocation: {summary['elapsed_s'] / 60:.1f} min; "
-        f"finished steps are reused). Raw numbers: [{rel_json}]({rel_json}).\n"
-    )
-    if not summary["targets"]["full_protocol"]:
-        L.append(
-            f"**Reduced scale:** {s['seeds']} seed(s), {base['updates'] or '?'} base MLE updates, {s['continue_updates']} "
-            f"continuation updates{', training subset ' + str(s['subset']) + ' pairs' if s['subset'] else ''}"
-            f"{', tiny smoke-test model' if s['tiny'] else ''}. The full protocol (3 seeds, ~60 min base MLE) was not run.\n"  # noqa: E501
-        )
-    return L
-
-
-def md_main_table(summary: dict) -> list[str]:
-    arms, first = summary["arms"], next(iter(summary["test_sets"]))
-    L = [f"## Test BLEU / chrF ({first}, beam {summary['settings']['beam']})\n"]
-    L.append(
-        "| arm | seeds | updates | BLEU mean ± std | chrF mean ± std | Δ BLEU vs MLE cont. | s/update | cost ratio vs MLE | process s/update | peak RSS (MiB) |"  # noqa: E501
-    )
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
-    for arm, a in arms.items():
-        L.append(
-            f"| {a['label']} | {a['n_seeds']} | {a['updates'] if a['updates'] is not None else 'n/a'} | "
-            f"{fmt(a['bleu_mean'])} ± {fmt(a['bleu_std'])} | {fmt(a['chrf_mean'])} ± {fmt(a['chrf_std'])} | "
-            f"{fmt(a['delta_bleu_vs_mle']) if arm != 'mle_base' else '—'} | {fmt(a['sec_per_update'], 3)} | "
-            f"{fmt(a['cost_ratio_vs_mle'])} | {fmt(a['process_sec_per_update'], 2)} | {fmt(a['max_rss_mib'], 0)} |"
-        )
-    L.append("")
-    L.append("Per-seed BLEU: " + "; ".join(f"{a['label']}: {', '.join(fmt(b) for b in a['bleu'])}" for a in arms.values()) + "\n")
-    L.append(
-        f"BLEU signature: `{summary['bleu_signature']}`  \nchrF signature: `{summary['chrf_signature']}`  \n"
-        f"({summary['test_sentences']} test sentences, detokenised hypotheses against the raw references.)\n"
-    )
-    L.append(
-        "s/update = fairseq's `train_wall` summed over the run / number of updates (validation excluded); "
-        "cost ratio = that of the arm / that of the MLE continuation; peak RSS = `ru_maxrss` of the "
-        "fairseq-train process (wait4), the largest over seeds. fairseq rounds `train_wall` to whole seconds, so "
-        "short runs have coarse s/update; process s/update = wall-clock of the whole fairseq-train process "
-        "(start-up and validation included) / updates.\n"
-    )
-    return L
-
-
-def md_test_sets(summary: dict) -> list[str]:
-    s = summary["settings"]
-    beams = s["sweep_beams"]
-    L = [f"## Every test set (beam {s['beam']}; beam sweep {', '.join(map(str, beams))})\n"]
-    for name, n in summary["test_sets"].items():
-        L.append(f"### {name} ({n} sentences)\n")
-        L.append("| arm | seeds | BLEU mean ± std | chrF mean ± std | lowercased BLEU | length ratio | "
-                 + " | ".join(f"BLEU beam {b}" for b in beams) + " |")  # fmt: skip
-        L.append("|---" * (6 + len(beams)) + "|")
-        for a in summary["arms"].values():
-            t = a["sets"][name]
-            sweep = {p["beam"]: p for p in t["beam_sweep"]}
-            L.append(
-                f"| {a['label']} | {a['n_seeds']} | {fmt(t['bleu_mean'])} ± {fmt(t['bleu_std'])} | "
-                f"{fmt(t['chrf_mean'])} ± {fmt(t['chrf_std'])} | {fmt(t['bleu_lowercase_mean'])} | "
-                f"{fmt(t['length_ratio_mean'], 3)} | " + " | ".join(fmt(sweep.get(b, {}).get("bleu_mean")) for b in beams) + " |"
-            )
-        L.append("")
-    L.append("Lowercased BLEU is sacreBLEU's BLEU with `-lc` (much of the Multi30k literature reports it); the beam "
-             "sweep is the mean over seeds of cased BLEU at each beam size.\n")  # fmt: skip
-    return L
-
-
-def md_significance(summary: dict) -> list[str]:
-    s = summary["settings"]
-    L = ["## Significance\n"]
-    L.append(
-        f"`scripts/compare.py` (sacreBLEU's paired bootstrap, {s['paired_bs_n']} resamples, and approximate "
-        f"randomisation, {s['paired_ar_n']} trials) of each arm against the same seed's MLE continuation (vs MLE) "
-        "and of each soft arm against the same seed's MRT (vs MRT). Pooled: the hypotheses of all seeds "
-        "concatenated (the references repeated as often) and tested once. Δ BLEU = system − baseline corpus "
-        "BLEU on the pooled set; 95% CI = sacreBLEU's bootstrap mean ± half-width of the system's pooled BLEU "
-        "(of the system's score, not of the difference); p: bs = paired bootstrap, ar = approximate randomisation.\n"
-    )
-    L.append(
-        "| test set | arm | vs | Δ BLEU | BLEU 95% CI | p BLEU (bs) | p chrF (bs) | p BLEU (ar) | p chrF (ar) | p BLEU (bs) per seed |"
-    )  # noqa: E501
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
-    for name in summary["test_sets"]:
-        for a in summary["arms"].values():
-            for baseline in ("mle", "mrt"):
-                sig = a["sets"][name].get(f"vs_{baseline}")
-                if not sig:
-                    continue
-                pooled, p, ci = sig["pooled"], sig["pooled"]["p_value"], sig["pooled"]["bootstrap"]["bleu"]
-                seeds = ", ".join(f"s{e['seed']} {fmt_p(e['p_value']['paired_bs']['bleu'])}" for e in sig["per_seed"])
-                L.append(
-                    f"| {name} | {a['label']} | {baseline.upper()} | {pooled['difference']['bleu']:+.2f} | "
-                    f"{ci['mean']:.2f} ± {ci['ci95']:.2f} | {fmt_p(p['paired_bs']['bleu'])} | {fmt_p(p['paired_bs']['chrf'])} | "
-                    f"{fmt_p(p['paired_ar']['bleu'])} | {fmt_p(p['paired_ar']['chrf'])} | {seeds} |"
-                )
-    L.append("")
-    return L
-
-
-def md_targets(summary: dict) -> list[str]:
-    arms = summary["arms"]
-    first, mle = next(iter(summary["test_sets"])), arms.get("mle", {})
-    L = ["## Targets\n"]
-    for a in (a for k, a in arms.items() if k.startswith("soft_")):
-        d, r = a["delta_bleu_vs_mle"], a["cost_ratio_vs_mle"]
-        sig = a["sets"][first].get("vs_mle")
-        p = fmt_p(sig["pooled"]["p_value"]["paired_bs"]["bleu"]) if sig else "n/a"
-        L.append(
-            f"- {a['label']}: ≥ +1.0 BLEU over compute-matched MLE (mean of {a['n_seeds']} seed(s)): "
-            f"**{'reached' if d is not None and d >= 1.0 else 'NOT reached'}** (Δ = {fmt(d)}, pooled paired-bootstrap p = {p}); "  # noqa: E501
-            f"per-update cost ≤ 3x MLE: **{'reached' if r is not None and r <= 3 else 'NOT reached'}** (ratio {fmt(r)})."  # noqa: E501
-        )
-    if not summary["targets"]["full_protocol"]:
-        L.append("- These are not the 3-seed full-protocol numbers the targets refer to.")
-    L.append(
-        f"- MLE baseline vs. published: {fmt(mle.get('bleu_mean'))} BLEU here (compute-matched MLE arm) against "
-        f"{PUBLISHED}. The published systems train larger models for far more updates (typically on a GPU); "
-        "this CPU-sized model and schedule is not expected to reach them.\n"
-    )
-    return L
-
-
-def md_settings(summary: dict) -> list[str]:
-    s, d, base = summary["settings"], summary["data"], summary["arms"]["mle_base"]
-    sets = ", ".join(summary["test_sets"])
-    L = ["## Settings\n"]
-    L.append(
-        f"- data: Multi30k task 1 en->de, `data_prep/prepare-multi30k.sh` (train {d.get('train_pairs', d.get('n_train', '?'))}"  # noqa: E501
-        f" pairs{', subset ' + str(s['subset']) if s['subset'] else ''}; joint sentencepiece vocab {s['vocab_size']});"
-        f" test sets {sets}; valid = val."
-    )
-    L.append(
-        f"- model: `{s['arch_args']}`; label smoothing 0.1; adam (0.9, 0.98); max tokens {s['max_tokens']} (base), {s['continue_max_tokens']} (continuations)."  # noqa: E501
-    )
-    if summary["base"]["reused"]:
-        L.append(f"- base MLE: reused with --base `{summary['base']['checkpoint']}` ({base['updates'] or '?'} updates), not trained here.")  # noqa: E501
-    else:
-        L.append(
-            f"- base MLE: {s['mle_updates']} updates, inverse_sqrt lr {s['mle_lr']} warmup {s['mle_warmup']}, seed 1, "
-            f"validation BLEU every {s['mle_validate_every']} updates; shared by every arm and seed."
-        )
-    L.append(
-        f"- continuation (all arms): {s['continue_updates']} updates from the base's last checkpoint with "
-        f"--finetune-from-model (fresh adam state), fixed lr {s['continue_lr']}, validation BLEU every {s['validate_every']} "  # noqa: E501
-        f"updates; seeds 1..{s['seeds']}."
-    )
-    L.append(
-        f"- soft beam: beam size {s['soft_beam_size']}, epsilon {s['soft_beam_epsilon']}, candidates "
-        f"{s.get('soft_beam_candidates') or '2k²'}, MLE weight "
-        f"{s['mle_weight']}, search on {s.get('search_fraction', 1.0):g} of each batch's sentences, search max length 1.2·src + {s['search_max_len_b']}; losses {', '.join(x for x in s['arms'] if x.startswith('soft_'))}; risk sharpness α {s.get('risk_sharpness', 1.0):g}."  # noqa: E501
-    )
-    if "mrt" in s["arms"]:
-        L.append("- MRT: the risk loss over fairseq's hard beam search (--soft-beam-epsilon 0: classical minimum-risk "
-                 "training over the n-best), every other setting as the soft arms'.")  # fmt: skip
-    L.append(
-        f"- evaluation: `scripts/evaluate.py --test-set all` (fairseq-generate with the plugin, exact beam search), beam {s['beam']} "  # noqa: E501
-        f"(sweep {', '.join(map(str, s['sweep_beams']))}), lenpen 1.0, max len {s['eval_max_len_a']}·src + {s['eval_max_len_b']}; "  # noqa: E501
-        f"checkpoint_last of every run; validation BLEU on {'the first ' + str(s['max_valid_sentences']) + ' (shortest) sentences of' if s['max_valid_sentences'] else 'all of'} val.\n"  # noqa: E501
-    )
-    return L
-
-
-def write_markdown(summary: dict, path: Path, plot_path: Path, json_path: Path) -> None:
-    rel_plot = os.path.relpath(plot_path, path.parent)
-    rel_json = os.path.relpath(json_path, path.parent)
-    L = md_header(summary, rel_json) + md_main_table(summary) + md_test_sets(summary) + md_significance(summary)
-    L += md_targets(summary)
-    L.append(f"## Validation BLEU over updates\n\n![validation BLEU]({rel_plot})\n")
-    L += md_settings(summary)
-    L.append("## Machine\n")
-    L.append(", ".join(f"{k}: {v}" for k, v in summary["machine"].items()) + "\n")
-    L.append("## Commands\n")
-    L.append(f"```\n{summary['command']}\n```\n")
-    L.append("Each step (from the run logs):\n\n```")
-    for a in summary["arms"].values():
-        L.extend(a["commands"])
-    L.append("```\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L) + "\n", encoding="utf-8")
-
-
 # ---------------------------------------------------------------- CLI
-
-ARMS = ("mle", "mrt", "soft_hamming", "soft_risk")
 
 
 def add_data_options(p) -> None:
@@ -801,12 +884,23 @@ def add_training_options(p) -> None:
     p.add_argument("--mle-warmup", type=int, default=400)
     p.add_argument("--mle-validate-every", type=int, default=None, help="default: mle-updates / 5")
     p.add_argument("--base", type=Path, default=None,
-                   help="use this MLE checkpoint as the base instead of training one (same data and --arch-args)")  # fmt: skip
+                   help="use this MLE base instead of training one (same data and --arch-args): a checkpoint file, used "
+                        "as it is, or a save folder (scripts/train_base.sh's), whose --base-select candidates are compared")  # fmt: skip
+    p.add_argument("--base-select", default="best,last,avg8",
+                   help="base candidates of the base's folder, comma-separated: best (checkpoint_best.pt), last "
+                        "(checkpoint_last.pt), avgN (the average of the newest N checkpoint_E_U.pt); the one of the "
+                        "highest validation BLEU (evaluate.py --split valid) is the base; missing ones are skipped")  # fmt: skip
     p.add_argument("--continue-updates", type=int, default=200)
     p.add_argument("--continue-lr", type=float, default=1e-4)
     p.add_argument("--validate-every", type=int, default=None, help="default: continue-updates / 4")
     p.add_argument("--seeds", type=int, default=3, help="continuation seeds 1..N (the base MLE run is shared)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)} (mle is required)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help=f"comma-separated subset of {','.join(ARMS)}, each a configuration named after its arm")  # fmt: skip
+    p.add_argument("--config", action="append", default=[], metavar="NAME=ARM[:OPTIONS]",
+                   help="a named configuration (repeatable): ARM continued from the base with these fairseq-train options "
+                        "last, e.g. eps0.1=soft_hamming:'--soft-beam-epsilon 0.1'; its runs go to WORK/seedS/NAME")  # fmt: skip
+    p.add_argument("--mle-config", default="mle", help="the configuration (arm mle) every other is compared with")
+    p.add_argument("--mrt-config", default=None, help="the configuration (arm mrt) the soft ones are compared with (default: mrt if run)")
     p.add_argument("--mle-weight", type=float, default=0.5)
     p.add_argument("--risk-sharpness", type=float, default=1.0, help="MRT's alpha (mrt and soft_risk)")
     p.add_argument("--soft-beam-size", type=int, default=4)
@@ -833,18 +927,30 @@ def add_eval_options(p) -> None:
                    help="validate (--eval-bleu) on only the first batch of this many sentences (smoke tests; default: all)")  # fmt: skip
     p.add_argument("--eval-max-len-a", type=float, default=1.2, help="decoding length limit a*src + b, validation and test")
     p.add_argument("--eval-max-len-b", type=int, default=10)
-    p.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
+    p.add_argument(
+        "--results", type=Path, default=None, help="markdown report (default: docs/results.md; --phase valid: WORK/validation.md)"
+    )  # noqa: E501
     p.add_argument("--json", type=Path, default=None, help="default: --results with .json")
     p.add_argument("--plot", type=Path, default=None, help="default: --results with _valid_bleu.png")
     p.add_argument("--base-only", action="store_true",
-                   help="stop after the base MLE run and its test score (printed as JSON); later runs reuse it")  # fmt: skip
+                   help="stop after the base MLE run and its selection on validation (printed as JSON); later runs reuse it")  # fmt: skip
+    p.add_argument("--phase", choices=("valid", "final"), default="valid",
+                   help="valid: train/continue every configuration and report validation figures only (the test sets are "
+                        "not decoded); final: also decode every test set, once (WORK/test_read.json), for the final table")  # fmt: skip
+    p.add_argument("--reread-test", action="store_true",
+                   help="--phase final: decode the test sets again for configurations read before (the report says so)")  # fmt: skip
 
 
 def check_args(p, args) -> None:
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in args.arms if a not in ARMS]
-    if bad or "mle" not in args.arms or len(set(args.arms)) != len(args.arms):
-        p.error(f"--arms must include mle and may add {', '.join(ARMS[1:])}, each once (got {args.arms})")
+    if bad or len(set(args.arms)) != len(args.arms):
+        p.error(f"--arms: a comma-separated subset of {', '.join(ARMS)}, each once (got {args.arms})")
+    try:
+        args.configs, args.mrt_config = build_configs(args.arms, args.config, args.mle_config, args.mrt_config)
+        args.base_select = parse_base_select(args.base_select)
+    except ValueError as e:
+        p.error(str(e))
     try:
         args.sweep_beams = [int(b) for b in args.sweep_beams.split(",")]
     except ValueError:
@@ -853,12 +959,14 @@ def check_args(p, args) -> None:
         p.error(f"--sweep-beams needs distinct positive beam sizes, comma-separated (got {args.sweep_beams!r})")
     if min(args.mle_updates, args.continue_updates, args.seeds, args.paired_bs_n, args.paired_ar_n) < 1:
         p.error("--mle-updates, --continue-updates, --seeds, --paired-bs-n and --paired-ar-n must be >= 1")
+    if args.reread_test and args.phase != "final":
+        p.error("--reread-test is for --phase final (--phase valid never reads the test sets)")
     if not args.raw_dir.is_dir():
         p.error(f"--raw-dir {args.raw_dir} not found (the Multi30k raw .gz files)")
     if args.base is not None:
-        if not args.base.is_file():
-            hint = "an MLE checkpoint trained on the same data, e.g. WORK/mle_base/checkpoint_last.pt"
-            p.error(f"--base {args.base}: no such checkpoint file (give {hint})")
+        if not args.base.exists():
+            hint = "an MLE checkpoint or save folder trained on the same data, e.g. WORK/mle_base/checkpoint_best.pt"
+            p.error(f"--base {args.base}: no such checkpoint file or folder (give {hint})")
         args.base = args.base.resolve()
 
 
@@ -873,9 +981,10 @@ def parse_args(argv=None):
     args.mle_validate_every = args.mle_validate_every or max(1, args.mle_updates // 5)
     args.continue_max_tokens = args.continue_max_tokens or args.max_tokens
     args.validate_every = args.validate_every or max(1, args.continue_updates // 4)
+    args.work = args.work.resolve()
+    args.results = args.results or (ROOT / "docs" / "results.md" if args.phase == "final" else args.work / "validation.md")
     args.json = args.json or args.results.with_suffix(".json")
     args.plot = args.plot or args.results.with_name(args.results.stem + "_valid_bleu.png")
-    args.work = args.work.resolve()
     args.gpu = not args.cpu and cuda_available()
     return args
 
@@ -884,6 +993,28 @@ def cuda_available() -> bool:
     # asked of a child: importing torch here would add its ~270 MiB to every later child's peak RSS (run_logged)
     probe = [PYTHON, "-c", "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"]
     return subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+
+
+def print_final(summary: dict) -> None:
+    for arm, a in summary["arms"].items():
+        print(
+            f"[bench] {arm:13s} BLEU {fmt(a['bleu_mean'])} ± {fmt(a['bleu_std'])}  chrF {fmt(a['chrf_mean'])}  "
+            f"s/update {fmt(a['sec_per_update'], 3)}  ratio {fmt(a['cost_ratio_vs_mle'])}  RSS {fmt(a['max_rss_mib'], 0)} MiB"  # noqa: E501
+        )
+    for arm, a in summary["arms"].items():
+        for name, t in a["sets"].items():
+            ps = ", ".join(
+                f"vs {b.upper()} p={fmt_p(t[f'vs_{b}']['pooled']['p_value']['paired_bs']['bleu'])}"
+                for b in ("mle", "mrt")
+                if t.get(f"vs_{b}")
+            )
+            print(f"[bench] {arm:13s} {name}: BLEU {fmt(t['bleu_mean'])}" + (f"  ({ps})" if ps else ""))
+
+
+def print_valid(summary: dict) -> None:
+    for name, v in summary["validation"].items():
+        at = ", ".join(map(str, v["best_update"]))
+        print(f"[bench] {name:13s} best valid BLEU {fmt(v['best_bleu_mean'])} ± {fmt(v['best_bleu_std'])} at update(s) {at}")
 
 
 def main(argv=None) -> int:
@@ -899,20 +1030,12 @@ def main(argv=None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot(summary, args.plot, summary["arms"]["mle_base"]["updates"] or 0)
-    write_markdown(summary, args.results, args.plot, args.json)
-    for arm, a in summary["arms"].items():
-        print(
-            f"[bench] {arm:13s} BLEU {fmt(a['bleu_mean'])} ± {fmt(a['bleu_std'])}  chrF {fmt(a['chrf_mean'])}  "
-            f"s/update {fmt(a['sec_per_update'], 3)}  ratio {fmt(a['cost_ratio_vs_mle'])}  RSS {fmt(a['max_rss_mib'], 0)} MiB"  # noqa: E501
-        )
-    for arm, a in summary["arms"].items():
-        for name, t in a["sets"].items():
-            ps = ", ".join(
-                f"vs {b.upper()} p={fmt_p(t[f'vs_{b}']['pooled']['p_value']['paired_bs']['bleu'])}"
-                for b in ("mle", "mrt")
-                if t.get(f"vs_{b}")
-            )
-            print(f"[bench] {arm:13s} {name}: BLEU {fmt(t['bleu_mean'])}" + (f"  ({ps})" if ps else ""))
+    if args.phase == "final":
+        write_markdown(summary, args.results, args.plot, args.json)
+        print_final(summary)
+    else:
+        write_valid_markdown(summary, args.results, args.plot, args.json)
+        print_valid(summary)
     print(f"[bench] wrote {args.results}, {args.json}, {args.plot}")
     return 0
 

@@ -3,6 +3,7 @@ and an end-to-end smoke test on a few hundred Multi30k pairs with a tiny model: 
 four continuation arms (mle, mrt, soft_hamming, soft_risk), evaluation on two test sets with a beam
 sweep, the paired significance tests, results markdown/JSON/PNG, resuming, and --base."""
 
+import argparse
 import gzip
 import json
 import subprocess
@@ -63,6 +64,7 @@ def test_set_summary_with_a_beam_sweep_over_seeds(tmp_path):
     shows them (the smoke test runs one seed and one beam)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_bleu
+    import bleu_report
 
     def entry(bleu, b1):
         sweep = [{"beam": 1, "bleu": b1, "chrf": 50.0, "length_ratio": 0.9}, {"beam": 5, "bleu": bleu, "chrf": 51.0, "length_ratio": 1.0}]
@@ -75,7 +77,7 @@ def test_set_summary_with_a_beam_sweep_over_seeds(tmp_path):
     assert t["vs_mle"] is None and t["vs_mrt"] is None
     summary = {"settings": {"beam": 5, "sweep_beams": [1, 5]}, "test_sets": {"s": 7},
                "arms": {"mle": {"label": "L", "n_seeds": 2, "sets": {"s": t}}}}  # fmt: skip
-    md = bench_bleu.md_test_sets(summary)
+    md = bleu_report.md_test_sets(summary)
     assert "| arm | seeds | BLEU mean ± std | chrF mean ± std | lowercased BLEU | length ratio | BLEU beam 1 | BLEU beam 5 |" in md
     assert "| L | 2 | 31.00 ± 1.41 | 51.00 ± 0.00 | 32.00 | 1.000 | 28.50 | 31.00 |" in md
 
@@ -83,7 +85,7 @@ def test_set_summary_with_a_beam_sweep_over_seeds(tmp_path):
 def test_significance_table_puts_each_p_value_in_its_column():
     """The smoke test's untrained arms translate alike (every p is 1): here each p differs."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_bleu
+    import bleu_report
 
     def entry(seed, base):
         p = {"paired_bs": {"bleu": base, "chrf": base + 0.1}, "paired_ar": {"bleu": base + 0.2, "chrf": base + 0.3}}
@@ -93,9 +95,156 @@ def test_significance_table_puts_each_p_value_in_its_column():
     summary = {"settings": {"paired_bs_n": 1000, "paired_ar_n": 10000}, "test_sets": {"s": 7},
                "arms": {"mle": {"label": "M", "sets": {"s": {"vs_mle": None, "vs_mrt": None}}},
                         "soft_risk": {"label": "R", "sets": {"s": {"vs_mle": None, "vs_mrt": sig}}}}}  # fmt: skip
-    md = bench_bleu.md_significance(summary)
+    md = bleu_report.md_significance(summary)
     assert "| s | R | MRT | -1.25 | 30.10 ± 0.80 | <0.001 | 0.100 | 0.200 | 0.300 | s1 0.010, s2 0.020 |" in md
     assert not any(line.startswith("| s | M |") for line in md)
+
+
+def bench_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_bleu
+
+    return bench_bleu
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("eps0.1", "expected NAME=ARM[:fairseq options]"),
+        ("=soft_risk", "the name '' must start with a letter or digit"),
+        ("a/b=soft_risk", "the name 'a/b' must start"),
+        ("mle_base=mle", "and not be mle_base"),
+        ("x=soft_foo", "unknown arm 'soft_foo' (one of mle, mrt, soft_hamming, soft_risk, soft_bleu)"),
+        ("x=soft_risk:--lr '1e-4", "cannot split its fairseq options"),
+        ("x=soft_risk:", "nothing after ':'"),
+        ("x=soft_risk:lr 1e-4", "must start with an option such as --lr (got 'lr')"),
+    ],
+)
+def test_config_parsing_errors_name_the_option_and_the_problem(spec, message):
+    bench_bleu = bench_module()
+    with pytest.raises(ValueError) as e:
+        bench_bleu.parse_config(spec)
+    assert str(e.value).startswith(f"--config {spec!r}: ") and message in str(e.value)
+
+
+def test_configs_from_arms_and_config_options(tmp_path, monkeypatch, capsys):
+    bench_bleu = bench_module()
+    config = bench_bleu.parse_config("eps0.1=soft_hamming:--soft-beam-epsilon 0.1 --eval-bleu-args '{\"beam\": 2}'")
+    assert config == bench_bleu.Config("eps0.1", "soft_hamming", ("--soft-beam-epsilon", "0.1", "--eval-bleu-args", '{"beam": 2}'))
+    configs, mrt = bench_bleu.build_configs(["mle"], ["m2=mrt", "b=soft_bleu"], "mle", None)
+    assert list(configs) == ["mle", "m2", "b"] and mrt is None  # "mrt" is not run: the soft ones have no MRT baseline
+    assert bench_bleu.build_configs(["mle"], ["m2=mrt"], "mle", "m2")[1] == "m2"
+    for arms, specs, mle, mrt, message in (
+        (["mle", "mrt"], ["mrt=soft_risk"], "mle", None, "the name 'mrt' is given twice"),
+        (["mrt"], [], "mle", None, "--mle-config 'mle': no configuration of arm mle"),
+        (["mle"], ["x=soft_risk"], "x", None, "--mle-config 'x': no configuration of arm mle"),
+        (["mle"], ["x=soft_risk"], "mle", "x", "--mrt-config 'x': no configuration of arm mrt"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bench_bleu.build_configs(arms, specs, mle, mrt)
+    # on the command line: exit 2 and the message, before anything runs
+    monkeypatch.setattr(bench_bleu, "cuda_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench_bleu.parse_args(["--raw-dir", str(tmp_path), "--config", "x=soft_foo"])
+    assert e.value.code == 2 and "--config 'x=soft_foo': unknown arm 'soft_foo'" in capsys.readouterr().err
+    args = bench_bleu.parse_args(["--raw-dir", str(tmp_path), "--work", str(tmp_path), "--validate-every", "7",
+                                  "--config", "e=soft_hamming:--soft-beam-epsilon 0.5", "--arms", "mle"])  # fmt: skip
+    cmd, env = bench_bleu.arm_command(args, args.configs["e"], tmp_path, tmp_path / "base.pt", tmp_path / "s", 2)
+    # the configuration's options last (they win over the defaults); every run keeps its best checkpoint by valid BLEU
+    assert cmd[-2:] == ["--soft-beam-epsilon", "0.5"] and env["BEAM_LOSS"] == "hamming" and env["SEED"] == "2"
+    i = cmd.index("--best-checkpoint-metric")
+    assert cmd[i : i + 5] == ["--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric", "--save-interval-updates", "7"]
+    assert bench_bleu.arm_command(args, bench_bleu.Config("b", "soft_bleu"), tmp_path, tmp_path, tmp_path, 1)[1]["BEAM_LOSS"] == "bleu"
+
+
+def test_valid_phase_never_decodes_a_test_set(tmp_path, monkeypatch):
+    bench_bleu = bench_module()
+    ran = []
+    monkeypatch.setattr(bench_bleu, "run_logged", lambda cmd, log, env=None: ran.append(cmd))
+    args = argparse.Namespace(
+        phase="valid", beam=5, sweep_beams=[5], test_set_names=["t"], gpu=False, eval_max_len_a=1.2, eval_max_len_b=10
+    )
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"")
+    with pytest.raises(bench_bleu.BenchError, match="the test sets are decoded only in --phase final"):
+        bench_bleu.evaluate(args, tmp_path, ckpt, tmp_path / "test.eval.json")
+    assert ran == []
+    with pytest.raises(FileNotFoundError):  # the valid split runs evaluate.py (its JSON is missing here)
+        bench_bleu.evaluate(args, tmp_path, ckpt, tmp_path / "valid.eval.json", split="valid")
+    assert len(ran) == 1 and "--split" in ran[0] and "--test-set" not in ran[0]
+
+
+def test_final_phase_reads_the_test_once(tmp_path):
+    bench_bleu = bench_module()
+    marker = tmp_path / "test_read.json"
+    plan = {"configs": {"mle_base": {"arm": "mle", "options": [], "seeds": [1], "checkpoints": ["b.pt"]},
+                        "mle": {"arm": "mle", "options": [], "seeds": [1], "checkpoints": ["m.pt"]}}, "test_sets": ["t"]}  # fmt: skip
+    assert bench_bleu.claim_test_read(marker, plan, False, "cmd") == 0
+    # a killed final phase (the read never finished) resumes the same read
+    assert bench_bleu.claim_test_read(marker, plan, False, "cmd") == 0
+    assert len(json.loads(marker.read_text())["reads"]) == 1
+    bench_bleu.finish_test_read(marker, 0)
+    with pytest.raises(bench_bleu.BenchError, match="already read for mle_base, mle .*Pass --reread-test"):
+        bench_bleu.claim_test_read(marker, plan, False, "cmd")
+    other = {"configs": {"new": plan["configs"]["mle"]}, "test_sets": ["t"]}  # a configuration never read: allowed
+    assert bench_bleu.claim_test_read(marker, other, False, "cmd") == 1
+    bench_bleu.finish_test_read(marker, 1)
+    assert bench_bleu.claim_test_read(marker, plan, True, "cmd") == 2
+    reads = bench_bleu.finish_test_read(marker, 2)
+    assert [r["reread"] for r in reads["reads"]] == [[], [], ["mle_base", "mle"]] and reads["this_read"] == 2
+    import bleu_report
+
+    md = "\n".join(bleu_report.md_test_reads({"test_reads": reads}))
+    assert "**The test sets were read 3 times in this work folder**" in md
+    assert "read 3 (this report)" in md and "re-read with --reread-test: mle_base, mle" in md
+
+
+def test_validation_table_lists_every_configuration_of_the_work_folder(tmp_path):
+    """Best validation BLEU per seed (the later update on a tie, as fairseq's checkpoint_best), over seeds, for
+    every run.json under WORK/seedS/NAME, this invocation's or an earlier one's."""
+    bench_bleu = bench_module()
+    import bleu_report
+
+    def write(seed, name, points, options=()):
+        folder = tmp_path / f"seed{seed}" / name
+        folder.mkdir(parents=True)
+        valid = [{"num_updates": u, "bleu": b} for u, b in points]
+        identity = {"config": name, "arm": "soft_hamming", "options": list(options), "base": {}}
+        (folder / "run.json").write_text(json.dumps({"num_updates": 40, "valid": valid, "sec_per_update": 2.0, "identity": identity}))
+
+    write(1, "eps", [(10, 30.0), (20, 31.0), (30, 31.0), (40, 29.0)], ["--soft-beam-epsilon", "0.1"])
+    write(2, "eps", [(10, 33.0), (20, 32.0), (30, None), (40, 30.0)], ["--soft-beam-epsilon", "0.1"])
+    write(1, "old", [(10, 20.0), (20, 25.0)])
+    args = argparse.Namespace(work=tmp_path, configs={"eps": None})
+    table = bench_bleu.collect_validation(args)
+    assert list(table) == ["eps", "old"]  # best first
+    eps = table["eps"]
+    assert (eps["best_bleu"], eps["best_update"], eps["best_bleu_mean"], eps["last_bleu"]) == ([31.0, 33.0], [30, 10], 32.0, [29.0, 30.0])
+    assert eps["in_this_run"] and not table["old"]["in_this_run"] and eps["seeds"] == [1, 2]
+    summary = {"settings": {"continue_updates": 40, "beam": 5, "validate_every": 10}, "validation": table}
+    md = bleu_report.md_validation(summary)
+    assert "| eps | soft_hamming | `--soft-beam-epsilon 0.1` | 2 | 32.00 ± 1.41 | 30, 10 | 29.50 | 2.000 | yes |" in md
+    assert "| old | soft_hamming | (arm defaults) | 1 | 25.00 ± 0.00 | 20 | 25.00 | 2.000 | — |" in md
+
+
+def test_a_work_folder_is_never_reused_for_another_configuration(tmp_path):
+    bench_bleu = bench_module()
+    identity = {"config": "e", "arm": "soft_hamming", "options": ["--lr", "1e-4"], "base": {"checkpoint": "b.pt"}}
+    bench_bleu.check_identity(tmp_path / "e", identity)
+    bench_bleu.check_identity(tmp_path / "e", identity)  # the same configuration: resumed or reused
+    with pytest.raises(bench_bleu.BenchError, match="holds a run of another configuration or base"):
+        bench_bleu.check_identity(tmp_path / "e", identity | {"options": ["--lr", "5e-5"]})
+    with pytest.raises(bench_bleu.BenchError, match="another --config name"):
+        bench_bleu.check_identity(tmp_path / "e", identity | {"base": {"checkpoint": "other.pt"}})
+
+
+def test_train_stats_counts_a_validation_repeated_after_a_resume_once():
+    bench_bleu = bench_module()
+    log = "\n".join(
+        f'x | valid | {{"valid_bleu": "{b}", "valid_num_updates": "{u}", "valid_loss": "3"}}'
+        for u, b in ((10, 1), (20, 2), (20, 3), (30, 4))
+    )
+    assert [(p["num_updates"], p["bleu"]) for p in bench_bleu.train_stats(log)["valid"]] == [(10, 1.0), (20, 3.0), (30, 4.0)]
 
 
 def raw_dir_with_two_test_sets(tmp_path: Path) -> Path:
@@ -113,13 +262,13 @@ def raw_dir_with_two_test_sets(tmp_path: Path) -> Path:
     return raw
 
 
-def bench_command(tmp_path: Path, results: Path) -> list:
+def bench_command(tmp_path: Path) -> list:
     return [
         sys.executable, ROOT / "scripts" / "bench_bleu.py",
         "--tiny", "--subset", "300", "--vocab-size", "500", "--mle-updates", "6", "--continue-updates", "2",
         "--validate-every", "1", "--mle-validate-every", "3", "--seeds", "1", "--max-tokens", "300",
         "--log-interval", "1", "--workers", "1", "--cpu", "--work", tmp_path / "work",
-        "--raw-dir", raw_dir_with_two_test_sets(tmp_path), "--results", results,
+        "--raw-dir", raw_dir_with_two_test_sets(tmp_path), "--base-select", "last,avg2",
         "--sweep-beams", ",".join(map(str, SWEEP)), "--paired-bs-n", "100", "--paired-ar-n", "100",
         # the soft-beam search of an untrained model runs to its length limit: keep it short
         "--max-valid-sentences", "16", "--beam", "2", "--continue-max-tokens", "120",
@@ -205,34 +354,69 @@ def check_significance(summary: dict, work: Path, md_lines: list) -> None:
     assert sorted(files) == summary["significance_files"] and len(files) == 2 * 2 * 2  # sets x (seed 1, pooled) x baselines
 
 
-def check_rerun_with_base(cmd: list, work: Path, results: Path) -> None:
-    """A re-run reuses every finished step; an evaluation whose JSON is gone is redone over its leftover
-    hypotheses; --base skips the base's training even where a re-run without it would train again."""
+def check_valid_phase(out: str, work: Path) -> str:
+    """--phase valid: the base chosen on validation among its candidates, every configuration trained with its
+    best checkpoint kept, validation figures only: evaluate.py never runs on a test split."""
+    ran = [line for line in out.splitlines() if line.startswith("[bench] running:")]
+    evals = [line for line in ran if "evaluate.py" in line]
+    assert len(evals) == 2 and all("--split valid" in line and "--test-set" not in line for line in evals), evals
+    assert "average_checkpoints.py" in out and not any("compare.py" in line for line in ran)
+    assert (
+        not list(work.rglob("test.eval.json"))
+        and not [f for f in work.rglob("*.hyp.txt") if ".valid." not in f.name]
+        and not (work / "test_read.json").exists()
+    )
+    v = json.loads((work / "validation.json").read_text())
+    sel = v["base"]["selection"]
+    assert v["phase"] == "valid" and list(sel["candidates"]) == ["last", "avg2"] and "test_sets" not in v
+    best = max(sel["candidates"].values(), key=lambda c: c["valid_bleu"])
+    assert v["base"]["checkpoint"] == best["checkpoint"] == sel["candidates"][sel["selected"]]["checkpoint"]
+    assert list(v["validation"]) and set(v["validation"]) == set(ARMS[1:])
+    md = (work / "validation.md").read_text()
+    for name, c in v["validation"].items():
+        assert (work / "seed1" / name / "checkpoint_best.pt").is_file() and c["best_update"][0] in (1, 2), name
+        assert f"| {name} | {name} | (arm defaults) | 1 | {c['best_bleu_mean']:.2f} ± 0.00 | {c['best_update'][0]} |" in md, name
+    assert "## The base, chosen on validation" in md and "Test BLEU" not in md and "test_2016_flickr" not in md
+    return v["base"]["checkpoint"]
+
+
+def check_rerun_with_base(cmd: list, work: Path, results: Path, base: str) -> None:
+    """A second final phase is refused; with --reread-test, a re-run reuses every finished step, an evaluation
+    whose JSON is gone is redone over its leftover hypotheses, --base skips the base's training and selection,
+    and the report says the test was read again."""
+    final = [*map(str, cmd), "--phase", "final", "--results", str(results)]
+    again = subprocess.run(final, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "already read for mle_base, mle, mrt, soft_hamming, soft_risk" in again.stderr, again.stderr
+    assert "--reread-test" in again.stderr and "evaluate.py" not in again.stdout
+
     (work / "seed1" / "mrt" / "test.eval.json").unlink()
     (work / "mle_base" / "run.json").unlink()
-    out = run([*cmd, "--base", work / "mle_base" / "checkpoint_last.pt"], timeout=300)
+    out = run([*final, "--base", base, "--reread-test"], timeout=300)
     ran = [line for line in out.splitlines() if line.startswith("[bench] running:")]
     steps = [line for line in ran if "compare.py" not in line]
     assert len(steps) == 2 and "prepare-multi30k.sh" in steps[0] and "evaluate.py" in steps[1], steps
     # only the per-seed comparisons read the re-written mrt hypotheses; the pooled files did not change
     assert len(ran) - len(steps) == 4 and all("seed1.vs_" in line for line in ran if "compare.py" in line), ran
-    assert "--overwrite" in steps[1] and str(work / "seed1" / "mrt" / "checkpoint_last.pt") in steps[1]
+    assert "--overwrite" in steps[1] and str(work / "seed1" / "mrt" / "checkpoint_best.pt") in steps[1]
     assert out.count("reusing") == 4 + 4  # the arms' training; the evaluations of the base and three arms
     summary = json.loads(results.with_suffix(".json").read_text())
-    assert summary["base"] == {"checkpoint": str(work / "mle_base" / "checkpoint_last.pt"), "reused": True}
+    assert summary["base"]["checkpoint"] == base and summary["base"]["reused"] is True and summary["base"]["selection"]["given"] == base
     assert summary["arms"]["mle_base"]["updates"] is None and summary["arms"]["mrt"]["sets"]["test_2017_mscoco"]["bleu_mean"] is not None
-    assert "- base MLE: reused with --base" in results.read_text()
+    md = results.read_text()
+    assert "- base MLE: reused with --base" in md and "**The test sets were read 2 times in this work folder**" in md
+    assert "read 2 (this report)" in md and "re-read with --reread-test: mle_base, mle, mrt, soft_hamming, soft_risk" in md
 
     missing = subprocess.run([*map(str, cmd), "--base", str(work / "nope.pt")], capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 2 and f"--base {work / 'nope.pt'}: no such checkpoint file" in missing.stderr
+    assert missing.returncode == 2 and f"--base {work / 'nope.pt'}: no such checkpoint file or folder" in missing.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not RAW_DIR.is_dir(), reason=f"Multi30k raw files not found at {RAW_DIR}")
 def test_bench_bleu_smoke(tmp_path):
     results = tmp_path / "out" / "results.md"
-    cmd = bench_command(tmp_path, results)
-    out = run(cmd, timeout=900)
+    cmd = bench_command(tmp_path)
+    base = check_valid_phase(run(cmd, timeout=900), tmp_path / "work")
+    out = run([*cmd, "--phase", "final", "--results", results], timeout=900)
     assert "wrote" in out
 
     summary = json.loads(results.with_suffix(".json").read_text())
@@ -240,8 +424,9 @@ def test_bench_bleu_smoke(tmp_path):
     md_lines, out_lines = md.splitlines(), out.splitlines()
     assert {"command", "machine", "settings", "data", "bleu_signature", "chrf_signature", "arms", "targets"} <= set(summary)
     assert summary["bleu_signature"].startswith("nrefs:1") and "nc:" in summary["chrf_signature"]
-    assert summary["data"]["train_pairs"] <= 300 and summary["base"]["reused"] is False
+    assert summary["data"]["train_pairs"] <= 300 and summary["base"]["reused"] is False and summary["base"]["checkpoint"] == base
     assert summary["targets"]["full_protocol"] is False and summary["compute_s"] > 0
+    assert summary["arms"]["mrt"]["checkpoints"] == [str(tmp_path / "work" / "seed1" / "mrt" / "checkpoint_best.pt")]
     check_arms(summary, tmp_path, md_lines, out_lines)
     check_sets(summary, md)
     check_significance(summary, tmp_path / "work", md_lines)
@@ -256,6 +441,9 @@ def test_bench_bleu_smoke(tmp_path):
         "MRT (risk loss, hard beam search)",
         "compute-matched",
         "## Significance",
+        "The test sets were read once, by this final phase",
+        "## Validation: every configuration (ablations)",
+        "## The base, chosen on validation",
     ):
         assert needle in md, needle
 
@@ -263,4 +451,4 @@ def test_bench_bleu_smoke(tmp_path):
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
-    check_rerun_with_base(cmd, tmp_path / "work", results)
+    check_rerun_with_base(cmd, tmp_path / "work", results, base)
