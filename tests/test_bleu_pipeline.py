@@ -1,7 +1,8 @@
 """scripts/bench_bleu.py: how it measures a process's peak memory, how it pools hypotheses over seeds,
 and an end-to-end smoke test on a few hundred Multi30k pairs with a tiny model: data prep, base MLE, the
 four continuation arms (mle, mrt, soft_hamming, soft_risk), evaluation on two test sets with a beam
-sweep, the paired significance tests, results markdown/JSON/PNG, resuming, and --base."""
+sweep, the paired significance tests, results markdown/JSON/PNG, resuming, and --base; the two phases (valid: the
+base chosen on validation, no test decoded; final: the test read once), named configurations, the validation table."""
 
 import argparse
 import gzip
