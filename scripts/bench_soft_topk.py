@@ -63,7 +63,8 @@ Its stopping threshold starts at ours-fb's marginal error (SolverInfo.marginal_e
 times the light anchors' mass 1/n, the absolute scale of the libraries' own marginal checks, and
 is divided by 10 until the peer's plan, measured by our metric, reaches ours-fb's error, at most
 --peer-tries times, stopping early when a try no longer halves the error (the iteration cap or
-float32 rounding). The iteration cap is --peer-max-iter, lowered for the autograd-unrolled POT
+float32 rounding) or, on a CPU, when a try alone would overrun --cell-cap-s or --budget-s. The
+iteration cap is --peer-max-iter, lowered for the autograd-unrolled POT
 methods so that what they save for backward stays under --mem-cap-gb (projected from 10 and 20
 iterations). The timed runs use the calibrated threshold. The speed-up column gives peer time /
 ours-fb time; below 1 it says PEER WINS. A peer that does not reach ours' error gets no ratio at
@@ -714,6 +715,8 @@ class Runner:
             if best is None or err < prev:
                 best = (thr, err, t)
             if not math.isfinite(err) or err <= target or not err < prev / 2:
+                break
+            if self.device.type == "cpu" and self.over_budget(t / 1e3):  # a tighter try takes longer still
                 break
             thr /= 10
         return best
