@@ -40,7 +40,8 @@ floor. Per floor: the gradient norm of the summed loss (median, p90, max); per t
 norm fairseq's ``--clip-norm`` compares (it divides the summed gradient by the sample size, the
 target tokens, first; median, max); the share of steps on which clipping at ``--clip-norm``
 fires and the median factor it scales those steps' gradients by; the loss and beam loss per
-token (nats, median); and the soft top-k rows that missed the solver's tolerance (total).
+token (nats, median); and the soft top-k rows that missed the solver's tolerance (total). The MLE
+step is the first row, for reference; the JSON also keeps each step's norm and sample size.
 """
 
 import argparse
@@ -64,6 +65,7 @@ from fairseq import checkpoint_utils, options, tasks  # noqa: E402
 from fairseq.tasks.translation import TranslationTask  # noqa: E402
 
 import fairseq_plugins  # noqa: E402,F401  (registers the task and criterion, compat fixes)
+from soft_beam.losses import BEAM_LOSSES  # noqa: E402
 
 MODEL_ARGS = model_args("small", dropout=0.1)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -221,7 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--data", type=Path, required=True, help="a folder prepared by data_prep/prepare-multi30k.sh")
     p.add_argument("--checkpoint", type=Path, help="time this model (default: a fresh random transformer)")
     p.add_argument("--beams", default="4,5")
-    p.add_argument("--beam-loss", default="hamming", choices=["hamming", "risk"])
+    p.add_argument("--beam-loss", default="hamming", choices=sorted(BEAM_LOSSES))
     p.add_argument("--state-grads", default="values", help="comma-separated --soft-beam-state-grad modes to time (values, full)")
     p.add_argument("--search-fractions", default="1", help="comma-separated --search-fraction values to time")
     p.add_argument("--min-spans", default="0", help="comma-separated span floors, each the criterion's --soft-beam-min-span (nats)")
