@@ -179,13 +179,17 @@ class HostReadCounter(TorchDispatchMode):
 
 
 def _caller() -> str:
-    """The innermost frame in this repository outside this file, as 'path:function'."""
+    """The innermost frame of this repository (outside this file) or of fairseq, as 'path:function';
+    fairseq's as 'fairseq/...': its decoder's own reads are not the search's."""
     frame = sys._getframe(2)
     here = Path(__file__).resolve()
     while frame is not None:
         path = Path(frame.f_code.co_filename)
-        ours = path.is_absolute() and ROOT in path.parents and "site-packages" not in path.parts
-        if ours and path.resolve() != here:
+        if "site-packages" in path.parts:
+            rel = path.parts[path.parts.index("site-packages") + 1 :]
+            if rel and rel[0] == "fairseq":
+                return f"{'/'.join(rel)}:{frame.f_code.co_name}"
+        elif path.is_absolute() and ROOT in path.parents and path.resolve() != here:
             return f"{path.relative_to(ROOT)}:{frame.f_code.co_name}"
         frame = frame.f_back
     return "elsewhere"
