@@ -20,11 +20,11 @@
 #
 # Options:
 #   --device cuda|cpu  default cuda when torch sees a GPU; without one you must say --device cpu
-#   --quick            smoke sizes (the CPU mode of the tests: under a minute on an idle 2-core CPU)
+#   --quick            smoke sizes: the CPU mode that tests/test_gpu_check.py runs (about a minute of CPU time)
 #   --out DIR          where the report goes (default docs/gpu)
 #   --raw-dir DIR      the Multi30k .gz files (default ../shared/data/multi30k beside the checkout)
 #   --keep-work        keep the temporary folder (data, model, logs) and print its path
-# Env: PYTHON (default .venv/bin/python; the fairseq tools are taken beside it), and
+# Env: PYTHON (default .venv/bin/python; fairseq-preprocess and fairseq-train beside it, else on PATH), and
 #   GPU_CHECK_LIMIT_S_<PART> (PART = PYTEST TOPK SETUP TRAIN GENERATE SYNCS): a part's limit in seconds.
 #   Defaults: 75 90 120 90 60 30 (465 s in all); with --quick: 120 each (a busy CPU is slow).
 set -euo pipefail
@@ -49,6 +49,8 @@ done
 PY=${PYTHON:-$REPO/.venv/bin/python}
 [[ -x $PY ]] || PY=$(command -v "${PYTHON:-python3}") || die "no python: set PYTHON or run make env"
 BIN=$(dirname "$PY")
+tool() { if [[ -x $BIN/$1 ]]; then echo "$BIN/$1"; else command -v "$1" || echo "$BIN/$1"; fi; }
+FAIRSEQ_PREPROCESS=$(tool fairseq-preprocess) FAIRSEQ_TRAIN=$(tool fairseq-train)
 "$PY" -c 'import torch' 2>/dev/null || die "$PY cannot import torch (run make env, or set PYTHON)"
 HAS_CUDA=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))')
 case $DEVICE in
@@ -120,7 +122,7 @@ else
     TINY_ARCH=""  # train_mle.sh's default: the Multi30k transformer (3+3 layers, dim 256)
 fi
 if [[ $DEVICE == cuda ]]; then PRECISIONS=fp32,bf16 DEVICE_ARGS=""; else PRECISIONS=fp32 DEVICE_ARGS="--cpu"; fi
-export REPO PY BIN DEVICE QUICK OUT NAME WORK RAW_DIR SUBSET VOCAB MAX_UPDATE MAX_TOKENS_TRAIN STEP_TOKENS BATCHES REPS \
+export REPO PY FAIRSEQ_PREPROCESS FAIRSEQ_TRAIN DEVICE QUICK OUT NAME WORK RAW_DIR SUBSET VOCAB MAX_UPDATE MAX_TOKENS_TRAIN STEP_TOKENS BATCHES REPS \
     GEN_SENTENCES SYNC_SENTENCES TINY_ARCH PRECISIONS DEVICE_ARGS
 
 # Each part is a function, run by run_part in a fresh `bash -c` under its limit (hence exported).
@@ -143,10 +145,10 @@ topk_part() {  # 2. the operator against torch.topk
 }
 
 setup_part() {  # a tiny model in $WORK: Multi30k (one test set), a few MLE updates
-    PYTHON="$PY" FAIRSEQ_PREPROCESS="$BIN/fairseq-preprocess" bash "$REPO/data_prep/prepare-multi30k.sh" --tgt de \
+    PYTHON="$PY" FAIRSEQ_PREPROCESS="$FAIRSEQ_PREPROCESS" bash "$REPO/data_prep/prepare-multi30k.sh" --tgt de \
         --no-download --raw-dir "$RAW_DIR" --test-sets test_2016_flickr --subset "$SUBSET" --vocab-size "$VOCAB" \
         --out "$WORK/data" >&2
-    FAIRSEQ_TRAIN="$BIN/fairseq-train" ARCH_ARGS="$TINY_ARCH" DEVICE_ARGS="$DEVICE_ARGS" MAX_UPDATE="$MAX_UPDATE" \
+    FAIRSEQ_TRAIN="$FAIRSEQ_TRAIN" ARCH_ARGS="$TINY_ARCH" DEVICE_ARGS="$DEVICE_ARGS" MAX_UPDATE="$MAX_UPDATE" \
         MAX_TOKENS="$MAX_TOKENS_TRAIN" WARMUP=$((MAX_UPDATE / 2 + 1)) LR=1e-3 LOG_INTERVAL=5 \
         bash "$REPO/scripts/train_mle.sh" "$WORK/data" "$WORK/mle" --no-save-optimizer-state --disable-validation >&2
     [[ -s $WORK/mle/checkpoint_last.pt ]] || { echo "train_mle.sh wrote no checkpoint_last.pt" >&2; return 1; }
