@@ -48,7 +48,7 @@ def float64_model(model, request, monkeypatch):
     request.addfinalizer(lambda: torch.set_default_dtype(previous))
 
 
-@pytest.mark.parametrize("beam_loss", ["hamming", "risk"])
+@pytest.mark.parametrize("beam_loss", ["hamming", "risk", "bleu"])
 def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, tiny_checkpoint, beam_loss, request, monkeypatch):
     args = ["--beam-loss", beam_loss, "--mle-weight", "0", "--soft-beam-size", "3",
             "--soft-beam-epsilon", "0.1", "--soft-beam-tol", "1e-10", "--soft-beam-state-grad", "full"]  # fmt: skip
@@ -70,7 +70,8 @@ def test_gradient_reaches_encoder_and_decoder_through_the_search(tiny_data_bin, 
     g = torch.Generator().manual_seed(0)
     # With --mle-weight 0 the only path from the Hamming loss to the model is the soft top-k's
     # weights (the relaxed matches are mixtures of 0/1 indicators): a nonzero gradient there
-    # has come through the top-k and the soft reordering.
+    # has come through the top-k and the soft reordering. The expected-BLEU loss's n-gram
+    # matches are such mixtures too (of "is reference token j" indicators).
     for name in ("encoder.layers.0.fc1.weight", "decoder.layers.0.self_attn.k_proj.weight"):
         p = params[name]
         d = torch.randn(p.shape, generator=g)
