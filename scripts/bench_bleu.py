@@ -19,6 +19,8 @@ Protocol (every step is skipped on a re-run when its outputs exist, so an interr
    a checkpoint file as it is, or a save folder (scripts/train_base.sh's). The base's candidates from its
    folder (--base-select: best, last, avgN = scripts/average_checkpoints.py over the newest N interval
    checkpoints) are decoded on the valid split (evaluate.py --split valid); the highest validation BLEU wins.
+   With --base the continuations' model flags are read from the base checkpoint's cfg["model"] (arch, layers,
+   dims, heads, dropouts, shared embeddings, ...); --arch-args, if given too, must agree with it flag by flag.
 3. per seed, from the base (--finetune-from-model: weights only, same fresh optimizer and the same
    fixed learning rate --continue-lr for every configuration), --continue-updates more updates of each
    configuration: the arms of --arms under their own names, ``mle`` (scripts/train_mle.sh: the
@@ -551,6 +553,137 @@ def parse_base_select(text: str) -> list[str]:
     return cands
 
 
+# ---------------------------------------------------------------- the base's model flags (--base)
+
+# Keys of a fairseq checkpoint's cfg["model"] that fix the architecture (parameter names and shapes, or how the
+# layers compute) and the flag that sets each: a switch (store_true) is given when its key is true. The first
+# nine must be in the checkpoint; a key the checkpoint lacks is left to the arch's default. decoder_input_dim has
+# no flag: the legacy transformer sets it to decoder_embed_dim.
+ARCH_VALUE_KEYS = (
+    "arch", "encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_embed_dim", "encoder_ffn_embed_dim",
+    "decoder_ffn_embed_dim", "encoder_attention_heads", "decoder_attention_heads", "decoder_output_dim", "activation_fn",
+    "dropout", "attention_dropout", "activation_dropout", "max_source_positions", "max_target_positions",
+)  # fmt: skip
+ARCH_SWITCH_KEYS = (
+    "share_all_embeddings", "share_decoder_input_output_embed", "encoder_normalize_before", "decoder_normalize_before",
+    "encoder_learned_pos", "decoder_learned_pos", "no_token_positional_embeddings", "no_scale_embedding",
+    "layernorm_embedding", "no_cross_attention", "cross_self_attention",
+)  # fmt: skip
+ARCH_REQUIRED = ARCH_VALUE_KEYS[:9]
+FLAG_ALIASES = {"-a": "--arch"}
+
+# Run in a child: importing torch here would add its ~270 MiB to every later child's peak RSS (run_logged).
+# weights_only=False: a fairseq checkpoint pickles its config (an argparse Namespace); the file is the user's own.
+READ_MODEL_CFG = """
+import json, sys, torch
+state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+cfg = state.get("cfg") if isinstance(state, dict) else None
+model = cfg.get("model") if cfg is not None else None
+if model is None and isinstance(state, dict):
+    model = state.get("args")  # checkpoints older than fairseq's cfg
+if model is not None:
+    model = dict(model) if hasattr(model, "keys") else vars(model)
+print(json.dumps(model, default=str))
+"""
+
+
+def read_model_cfg(checkpoint: Path) -> dict:
+    """The model config (cfg["model"], else args) of a fairseq checkpoint, read by a child process."""
+    proc = subprocess.run([PYTHON, "-c", READ_MODEL_CFG, str(checkpoint)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"--base: cannot read the checkpoint {checkpoint} ({why})")
+    model = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not isinstance(model, dict):
+        raise ValueError(f"--base: {checkpoint} holds no model config (cfg['model'] or args): not a fairseq checkpoint")
+    return model
+
+
+def flag_of(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def arch_flags(model_cfg: dict, source: Path) -> list[str]:
+    """fairseq-train's model flags that rebuild the model of model_cfg (a checkpoint's cfg["model"] as a dict)."""
+    model_cfg = {"arch": model_cfg.get("_name")} | model_cfg  # a dataclass config names its arch only in _name
+    missing = [k for k in ARCH_REQUIRED if model_cfg.get(k) is None]
+    if missing:
+        raise ValueError(f"--base: the model config of {source} lacks {', '.join(missing)}: not a fairseq transformer checkpoint")
+    flags = []
+    for key in ARCH_VALUE_KEYS:
+        value = model_cfg.get(key)
+        if value is not None:
+            flags += [flag_of(key), repr(value) if isinstance(value, float) else str(value)]
+    return flags + [flag_of(k) for k in ARCH_SWITCH_KEYS if model_cfg.get(k) is True]
+
+
+def split_flags(text: str) -> list[tuple[str, str | bool, list[str]]]:
+    """--arch-args as (flag, value or True for a flag without one, its tokens)."""
+    tokens, out, i = shlex.split(text), [], 0
+    while i < len(tokens):
+        flag, eq, value = tokens[i].partition("=")
+        if not flag.startswith("-"):
+            raise ValueError(f"--arch-args {text!r}: {tokens[i]!r} is not a flag (expected --flag [value] ...)")
+        flag = FLAG_ALIASES.get(flag, flag)
+        if eq:
+            out.append((flag, value, tokens[i : i + 1]))
+            i += 1
+        elif flag[2:].replace("-", "_") in ARCH_SWITCH_KEYS or i + 1 == len(tokens) or tokens[i + 1].startswith("--"):
+            out.append((flag, True, tokens[i : i + 1]))
+            i += 1
+        else:
+            out.append((flag, tokens[i + 1], tokens[i : i + 2]))
+            i += 2
+    return out
+
+
+def same_value(given: str | bool, recorded) -> bool:
+    if isinstance(recorded, bool):
+        return given is recorded
+    if isinstance(recorded, (int, float)) and isinstance(given, str):
+        try:
+            return float(given) == float(recorded)
+        except ValueError:
+            return False
+    return str(given) == str(recorded)
+
+
+def base_arch_args(model_cfg: dict, source: Path, arch_args: str | None) -> str:
+    """The continuations' model flags: the base checkpoint's (model_cfg, read from source), then the flags of
+    arch_args (--arch-args) that are not architecture keys. ValueError naming the first flag of arch_args that
+    disagrees with the checkpoint (an architecture key the checkpoint lacks cannot disagree: it is kept)."""
+    flags, extra = arch_flags(model_cfg, source), []
+    recorded = {"arch": model_cfg.get("_name")} | model_cfg
+    for flag, given, tokens in split_flags(arch_args or ""):
+        key = flag[2:].replace("-", "_")
+        if key not in ARCH_VALUE_KEYS + ARCH_SWITCH_KEYS or recorded.get(key) is None:
+            extra += tokens
+            continue
+        want = recorded[key] is True if key in ARCH_SWITCH_KEYS else recorded[key]
+        if not same_value(given, want):
+            shown = "given" if given is True else given
+            had = ("on" if want else "off") if key in ARCH_SWITCH_KEYS else want
+            hint = " (another dropout for the continuations: --train-extra or a --config's options)" if "dropout" in key else ""
+            raise ValueError(
+                f"--arch-args: {flag} {shown} disagrees with the base checkpoint {source}, whose {key} is {had}; "
+                f"with --base the model flags are read from the checkpoint, so --arch-args can be left out{hint}"
+            )
+    return " ".join(flags + extra)
+
+
+def base_arch_checkpoint(base: Path) -> Path:
+    """The checkpoint whose model config stands for --base: the file itself, or its folder's best, last or newest interval one."""
+    if base.is_file():
+        return base
+    for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+        if (base / name).is_file():
+            return base / name
+    try:
+        return newest_interval_checkpoints(base, 1)[0]
+    except ValueError:
+        raise ValueError(f"--base {base}: the folder holds no checkpoint_best.pt, checkpoint_last.pt or checkpoint_E_U.pt") from None
+
+
 # ---------------------------------------------------------------- the test sets, read once (--phase final)
 
 
@@ -884,8 +1017,9 @@ def add_training_options(p) -> None:
     p.add_argument("--mle-warmup", type=int, default=400)
     p.add_argument("--mle-validate-every", type=int, default=None, help="default: mle-updates / 5")
     p.add_argument("--base", type=Path, default=None,
-                   help="use this MLE base instead of training one (same data and --arch-args): a checkpoint file, used "
-                        "as it is, or a save folder (scripts/train_base.sh's), whose --base-select candidates are compared")  # fmt: skip
+                   help="use this MLE base instead of training one (same data; its model flags are read from it): a "
+                        "checkpoint file, used as it is, or a save folder (scripts/train_base.sh's), whose --base-select "
+                        "candidates are compared")  # fmt: skip
     p.add_argument("--base-select", default="best,last,avg8",
                    help="base candidates of the base's folder, comma-separated: best (checkpoint_best.pt), last "
                         "(checkpoint_last.pt), avgN (the average of the newest N checkpoint_E_U.pt); the one of the "
@@ -912,7 +1046,9 @@ def add_training_options(p) -> None:
     p.add_argument("--search-max-len-b", type=int, default=10, help="the training search's length limit is 1.2*src + this")
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="tiny model (smoke tests; meaningless BLEU)")
-    p.add_argument("--arch-args", default=None, help="model flags for fairseq-train (default: the small transformer)")
+    p.add_argument("--arch-args", default=None,
+                   help="model flags for fairseq-train (default: the small transformer; with --base: the base checkpoint's, "
+                        "which these, if given, must agree with)")  # fmt: skip
     p.add_argument("--train-extra", default="", help="more fairseq-train arguments for every run, one string")
     p.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
 
@@ -964,10 +1100,21 @@ def check_args(p, args) -> None:
     if not args.raw_dir.is_dir():
         p.error(f"--raw-dir {args.raw_dir} not found (the Multi30k raw .gz files)")
     if args.base is not None:
-        if not args.base.exists():
-            hint = "an MLE checkpoint or save folder trained on the same data, e.g. WORK/mle_base/checkpoint_best.pt"
-            p.error(f"--base {args.base}: no such checkpoint file or folder (give {hint})")
-        args.base = args.base.resolve()
+        check_base(p, args)
+
+
+def check_base(p, args) -> None:
+    """--base exists; the continuations' model flags (args.arch_args) are read from its checkpoint (args.arch_args_from)."""
+    if not args.base.exists():
+        hint = "an MLE checkpoint or save folder trained on the same data, e.g. WORK/mle_base/checkpoint_best.pt"
+        p.error(f"--base {args.base}: no such checkpoint file or folder (give {hint})")
+    args.base = args.base.resolve()
+    try:
+        source = base_arch_checkpoint(args.base)
+        args.arch_args = base_arch_args(read_model_cfg(source), source, args.arch_args)
+    except ValueError as e:
+        p.error(str(e))
+    args.arch_args_from = str(source)
 
 
 def parse_args(argv=None):
@@ -976,6 +1123,7 @@ def parse_args(argv=None):
     add_training_options(p)
     add_eval_options(p)
     args = p.parse_args(argv)
+    args.arch_args_from = None
     check_args(p, args)
     args.arch_args = args.arch_args or (TINY_ARCH if args.tiny else SMALL_ARCH)
     args.mle_validate_every = args.mle_validate_every or max(1, args.mle_updates // 5)

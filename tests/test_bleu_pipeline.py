@@ -7,12 +7,13 @@ base chosen on validation, no test decoded; final: the test read once), named co
 import argparse
 import gzip
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, run
+from helpers import ROOT, run, train_mle
 
 RAW_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 ARMS = ("mle_base", "mle", "mrt", "soft_hamming", "soft_risk")
@@ -156,6 +157,89 @@ def test_configs_from_arms_and_config_options(tmp_path, monkeypatch, capsys):
     i = cmd.index("--best-checkpoint-metric")
     assert cmd[i : i + 5] == ["--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric", "--save-interval-updates", "7"]
     assert bench_bleu.arm_command(args, bench_bleu.Config("b", "soft_bleu"), tmp_path, tmp_path, tmp_path, 1)[1]["BEAM_LOSS"] == "bleu"
+
+
+# what odd_base's model config records (the arch's defaults elsewhere), and the arch's shape keys
+ODD_KEYS = ("arch", "encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_embed_dim", "encoder_ffn_embed_dim",
+            "decoder_ffn_embed_dim", "encoder_attention_heads", "decoder_attention_heads", "encoder_normalize_before",
+            "decoder_learned_pos", "max_target_positions", "dropout", "share_all_embeddings")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def odd_base(tiny_data_bin, tmp_path_factory):
+    """A stock fairseq-train checkpoint (one update) of an architecture no default shares: encoder and decoder
+    of different depth, width and heads, pre-norm encoder (an extra layer norm), learned decoder positions of a
+    64-position table, dropout 0.25."""
+    extra = ["--encoder-layers", "2", "--decoder-ffn-embed-dim", "48", "--decoder-attention-heads", "4",
+             "--encoder-normalize-before", "--decoder-learned-pos", "--max-target-positions", "64",
+             "--dropout", "0.25", "--max-update", "1"]  # fmt: skip
+    return train_mle(tiny_data_bin, tmp_path_factory.mktemp("odd_base"), max_epoch=1, extra=extra)
+
+
+@pytest.fixture(scope="module")
+def odd_model_cfg(odd_base):
+    """odd_base's model config as bench_bleu.py reads it (a child process importing torch: seconds)."""
+    return bench_module().read_model_cfg(odd_base)
+
+
+@pytest.mark.slow  # odd_base: fairseq-train
+def test_base_checkpoint_gives_the_model_flags_that_rebuild_it(odd_base, odd_model_cfg, tiny_data_bin):
+    """--base's model flags, read from the checkpoint, build a model that loads its state dict strictly, with
+    every architecture key (dropouts included) as the checkpoint recorded it."""
+    import torch
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    bench_bleu, model_cfg = bench_module(), odd_model_cfg
+    flags = shlex.split(bench_bleu.base_arch_args(model_cfg, odd_base, None))
+    parsed = options.parse_args_and_arch(options.get_training_parser(), [str(tiny_data_bin), "--task", "translation", "--cpu", *flags])
+    # dropout changes no parameter: only this finds it wrong
+    for key in ODD_KEYS:
+        assert getattr(parsed, key) == model_cfg[key], key
+    cfg = convert_namespace_to_omegaconf(parsed)
+    model = tasks.setup_task(cfg.task).build_model(cfg.model)
+    state = torch.load(odd_base, map_location="cpu", weights_only=False)["model"]
+    model.load_state_dict(state, strict=True)
+
+
+@pytest.mark.slow  # odd_base: fairseq-train
+@pytest.mark.parametrize(
+    "arch_args, named",
+    [
+        ("--encoder-layers 1", "--encoder-layers 1 disagrees"),  # the arch default, not the checkpoint's 2
+        ("--arch transformer --decoder-ffn-embed-dim=64", "--decoder-ffn-embed-dim 64 disagrees"),
+        ("-a transformer_iwslt_de_en", "--arch transformer_iwslt_de_en disagrees"),
+        ("--decoder-normalize-before", "--decoder-normalize-before given disagrees"),
+        ("--dropout 0.3", "--dropout 0.3 disagrees"),
+    ],
+)
+def test_arch_args_that_disagree_with_the_base_are_refused_by_flag(odd_base, odd_model_cfg, arch_args, named):
+    bench_bleu, model_cfg = bench_module(), odd_model_cfg
+    with pytest.raises(ValueError, match=f"^--arch-args: {named} with the base checkpoint {odd_base}"):
+        bench_bleu.base_arch_args(model_cfg, odd_base, arch_args)
+    # flags that agree (in another spelling) pass; a flag that is no architecture key is kept, after the checkpoint's
+    agreeing = "-a transformer --encoder-layers 2 --dropout=0.250 --encoder-normalize-before --checkpoint-activations"
+    derived = bench_bleu.base_arch_args(model_cfg, odd_base, None)
+    assert bench_bleu.base_arch_args(model_cfg, odd_base, agreeing) == derived + " --checkpoint-activations"
+
+
+@pytest.mark.slow  # odd_base: fairseq-train
+def test_base_sets_the_continuations_model_flags_on_the_command_line(odd_base, odd_model_cfg, tmp_path, monkeypatch, capsys):
+    """--base FOLDER reads its checkpoint_best.pt; the flags reach every continuation's ARCH_ARGS; a disagreeing
+    --arch-args stops the run before anything runs (exit 2), naming the flag."""
+    bench_bleu = bench_module()
+    monkeypatch.setattr(bench_bleu, "cuda_available", lambda: False)
+    # --tiny chooses the model only when there is no --base
+    argv = ["--raw-dir", str(tmp_path), "--work", str(tmp_path), "--base", str(odd_base.parent), "--tiny"]
+    args = bench_bleu.parse_args(argv)
+    derived = bench_bleu.base_arch_args(odd_model_cfg, odd_base, None)
+    assert args.arch_args == derived and args.arch_args_from == str(odd_base)
+    for arm in ("soft_bleu", "mle"):  # finetune_soft_beam.sh's and train_mle.sh's environment
+        _, env = bench_bleu.arm_command(args, bench_bleu.Config(arm, arm), tmp_path, odd_base, tmp_path / arm, 1)
+        assert env["ARCH_ARGS"] == derived, arm
+    with pytest.raises(SystemExit) as e:
+        bench_bleu.parse_args([*argv, "--arch-args", "--arch transformer --encoder-embed-dim 64"])
+    assert e.value.code == 2 and "--arch-args: --encoder-embed-dim 64 disagrees with the base checkpoint" in capsys.readouterr().err
 
 
 def test_valid_phase_never_decodes_a_test_set(tmp_path, monkeypatch):
