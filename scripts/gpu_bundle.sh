@@ -99,12 +99,10 @@ fetch() {  # downloads every piece into a fresh DEST (stale versions would break
     (cd "$DEST" && find whl sdist multi30k -type f | sort) >>"$DEST/MANIFEST"
 }
 
-check_bundle() {  # the closure of Requires-Dist, the specifiers, one version each; writes device_needs.txt
-    local sdist
-    sdist=$(find "$DEST/sdist" -maxdepth 1 -name "fairseq_fixed-$FAIRSEQ_VERSION.tar.gz" 2>/dev/null | head -n 1)
-    [[ -n $sdist ]] || die "$DEST/sdist has no fairseq_fixed-$FAIRSEQ_VERSION.tar.gz"
-    for f in "${RAW_FILES[@]}"; do [[ -f $DEST/multi30k/$f ]] || die "$DEST/multi30k has no $f"; done
-    DEVICE_HAS="$DEVICE_HAS" "$PY" - "$DEST" "$sdist" "$REPO/setup.cfg" <<'PY'
+# The closure check (check_bundle): argv DEST SDIST SETUP_CFG, env DEVICE_HAS. Markers are evaluated for the
+# device (CPython 3.12, Linux x86-64) without extras.
+CLOSURE_PY=$(
+    cat <<'PY'
 import configparser, os, re, sys, tarfile, zipfile
 from email.parser import Parser
 from pathlib import Path
@@ -112,10 +110,13 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-dest, sdist, setup_cfg = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 ENV = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "platform_system": "Linux",
        "platform_machine": "x86_64", "implementation_name": "cpython", "platform_python_implementation": "CPython",
        "os_name": "posix", "extra": ""}
+
+
+def fail(message):
+    sys.exit(f"gpu_bundle.sh: error: {message}")
 
 
 def norm(name):
@@ -127,53 +128,74 @@ def needs(lines):  # the requirements that apply on the device (no extras)
     return [r for r in reqs if r.marker is None or r.marker.evaluate(ENV)]
 
 
-bundled, requirers = {}, {}  # name -> version; requirement -> who asked
-for whl in sorted((dest / "whl").glob("*.whl")):
-    with zipfile.ZipFile(whl) as z:
-        meta_name = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
-        if meta_name is None:
-            sys.exit(f"gpu_bundle.sh: error: {whl.name} has no .dist-info/METADATA")
-        meta = Parser().parsestr(z.read(meta_name).decode())
-    name = norm(meta["Name"])
-    if name in bundled:
-        sys.exit(f"gpu_bundle.sh: error: two versions of {name} in {dest / 'whl'}: keep one (two stop the install)")
-    bundled[name] = Version(meta["Version"])
-    tags = whl.name[:-4].split("-")[-3:]
-    if not (tags[0] in ("py3", "cp312", "py2.py3") and (tags[2] == "any" or "x86_64" in tags[2])):
-        sys.exit(f"gpu_bundle.sh: error: {whl.name} is not a Python 3.12 x86-64 wheel")
-    for r in needs(meta.get_all("Requires-Dist") or []):
-        requirers.setdefault(r, []).append(name)
-with tarfile.open(sdist) as t:
-    info = t.extractfile(next(m for m in t.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")))
-    for r in needs(Parser().parsestr(info.read().decode()).get_all("Requires-Dist") or []):
-        requirers.setdefault(r, []).append("fairseq-fixed")
-cfg = configparser.ConfigParser()
-cfg.read(setup_cfg)
-for r in needs([line for line in cfg["options"]["install_requires"].splitlines() if line.strip()]):
-    requirers.setdefault(r, []).append("soft-beam (setup.cfg)")
+def read_wheels(folder, requirers):
+    """{name: version} of the wheels in folder; their requirements added to requirers."""
+    bundled = {}
+    for whl in sorted(folder.glob("*.whl")):
+        with zipfile.ZipFile(whl) as z:
+            meta_name = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
+            if meta_name is None:
+                fail(f"{whl.name} has no .dist-info/METADATA")
+            meta = Parser().parsestr(z.read(meta_name).decode())
+        name = norm(meta["Name"])
+        if name in bundled:
+            fail(f"two versions of {name} in {folder}: keep one (two stop the install)")
+        bundled[name] = Version(meta["Version"])
+        tags = whl.name[:-4].split("-")[-3:]
+        if not (tags[0] in ("py3", "cp312", "py2.py3") and (tags[2] == "any" or "x86_64" in tags[2])):
+            fail(f"{whl.name} is not a Python 3.12 x86-64 wheel")
+        for r in needs(meta.get_all("Requires-Dist") or []):
+            requirers.setdefault(r, []).append(name)
+    return bundled
 
-device_has = set(os.environ["DEVICE_HAS"].split())
-missing, wrong, on_device = [], [], set()
-for r, who in requirers.items():
-    name = norm(r.name)
-    if name == "fairseq-fixed":
-        continue
-    if name in bundled:
-        if bundled[name] not in r.specifier:
-            wrong.append(f"{name} {bundled[name]} (bundled) does not meet {r} (required by {', '.join(who)})")
-    elif name in device_has:
-        on_device.add(name)
-    else:
-        missing.append(f"{name} (required by {', '.join(who)} as {r})")
-for line in wrong + missing:
-    print(f"gpu_bundle.sh: error: missing on the device and not in the bundle: {line}" if line in missing
-          else f"gpu_bundle.sh: error: {line}", file=sys.stderr)
-if wrong or missing:
-    sys.exit(1)
-(dest / "device_needs.txt").write_text("\n".join(sorted(on_device)) + "\n")
-print(f"gpu_bundle.sh: closure ok: bundled {', '.join(f'{n} {v}' for n, v in sorted(bundled.items()))}; "
-      f"from the device: {', '.join(sorted(on_device))}", file=sys.stderr)
+
+def read_roots(sdist, setup_cfg, requirers):
+    """fairseq-fixed's requirements (its sdist's PKG-INFO) and soft-beam's (setup.cfg) added to requirers."""
+    with tarfile.open(sdist) as t:
+        info = t.extractfile(next(m for m in t.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO")))
+        for r in needs(Parser().parsestr(info.read().decode()).get_all("Requires-Dist") or []):
+            requirers.setdefault(r, []).append("fairseq-fixed")
+    cfg = configparser.ConfigParser()
+    cfg.read(setup_cfg)
+    for r in needs([line for line in cfg["options"]["install_requires"].splitlines() if line.strip()]):
+        requirers.setdefault(r, []).append("soft-beam (setup.cfg)")
+
+
+def main(dest, sdist, setup_cfg):
+    requirers = {}  # requirement -> who asked
+    bundled = read_wheels(dest / "whl", requirers)
+    read_roots(sdist, setup_cfg, requirers)
+    device_has = set(os.environ["DEVICE_HAS"].split())
+    errors, on_device = [], set()
+    for r, who in requirers.items():
+        name = norm(r.name)
+        if name == "fairseq-fixed":
+            continue
+        if name in bundled:
+            if bundled[name] not in r.specifier:
+                errors.append(f"{name} {bundled[name]} (bundled) does not meet {r} (required by {', '.join(who)})")
+        elif name in device_has:
+            on_device.add(name)
+        else:
+            errors.append(f"missing on the device and not in the bundle: {name} (required by {', '.join(who)} as {r})")
+    for line in errors:
+        print(f"gpu_bundle.sh: error: {line}", file=sys.stderr)
+    if errors:
+        sys.exit(1)
+    (dest / "device_needs.txt").write_text("\n".join(sorted(on_device)) + "\n")
+    print(f"gpu_bundle.sh: closure ok: bundled {', '.join(f'{n} {v}' for n, v in sorted(bundled.items()))}; "
+          f"from the device: {', '.join(sorted(on_device))}", file=sys.stderr)
+
+
+main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
 PY
+)
+
+check_bundle() {  # the closure of Requires-Dist, the specifiers, one version each; writes device_needs.txt
+    local sdist=$DEST/sdist/fairseq_fixed-$FAIRSEQ_VERSION.tar.gz f
+    [[ -f $sdist ]] || die "$DEST/sdist has no fairseq_fixed-$FAIRSEQ_VERSION.tar.gz"
+    for f in "${RAW_FILES[@]}"; do [[ -f $DEST/multi30k/$f ]] || die "$DEST/multi30k has no $f"; done
+    DEVICE_HAS="$DEVICE_HAS" "$PY" -c "$CLOSURE_PY" "$DEST" "$sdist" "$REPO/setup.cfg"
 }
 
 check_size() {  # what travels: tracked and untracked-not-ignored files, plus the carried bundle
