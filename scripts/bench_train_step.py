@@ -294,7 +294,9 @@ def main(argv=None):
 
 
 def train_samples(args, task, max_tokens: int) -> list:
-    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=max_tokens, seed=1)
+    # fairseq caches one iterator per dataset: without disabling that, every batch size after the
+    # first silently got the first one's batches
+    itr = task.get_batch_iterator(task.dataset("train"), max_tokens=max_tokens, seed=1, disable_iterator_cache=True)
     return [move(s, args.device) for _, s in zip(range(args.batches), itr.next_epoch_itr(shuffle=True))]
 
 
