@@ -25,6 +25,7 @@ from soft_beam.losses import BEAM_LOSSES, LossOptions, content_ids, sentence_ble
 from soft_beam.search import SearchConfig, SearchStats, beam_search
 
 from .decoding import FairseqStepModel, unwrap_model, wrapped_in_c10d_ddp
+from .fairseq_shim import trainer_num_updates
 from .search_options import EpsilonSchedule, check_target_dictionary, length_capped, validated
 
 
@@ -153,7 +154,7 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def set_num_updates(self, num_updates: int) -> None:
         """The update count that the epsilon schedule follows. ``forward`` sets it from fairseq's
-        trainer (:func:`trainer_num_updates`) where it publishes one; validation keeps the last
+        trainer (:func:`fairseq_shim.trainer_num_updates`) where it publishes one; validation keeps the last
         training forward's count; other drivers call this."""
         if not (isinstance(num_updates, int) and num_updates >= 0):
             raise ValueError(f"num_updates must be an integer >= 0, got {num_updates!r}")
@@ -261,23 +262,6 @@ class SoftBeamCriterion(LabelSmoothedCrossEntropyCriterion):
         # Summable logs take fairseq's all_reduce path; the other path (all_gather_list)
         # allocates CUDA buffers and fails on CPU-only distributed runs.
         return True
-
-
-def trainer_num_updates() -> int | None:
-    """fairseq's update count, as its trainer publishes it, or None where it publishes none.
-
-    ``Trainer.set_num_updates`` logs it as the meter ``num_updates`` into every active metrics
-    aggregator, ``default`` among them (always active while training), after every update and when
-    it resumes a checkpoint; it starts at 0 (no meter) under ``--finetune-from-model``. So it is the
-    count of the run being trained, also after a resume and under ``--task translation`` (whose
-    ``train_step`` gives the update number to the model, not to the criterion). The *active*
-    aggregators are read: on resume, fairseq replaces the stored ``default`` aggregator with the
-    checkpoint's copy but keeps logging into the active one, so the stored copy stops at the
-    resumed count. Validation runs under a new root aggregator, without the meter: None there.
-    """
-    counts = [meter.val for agg in metrics.get_active_aggregators() if (meter := agg.get("num_updates")) is not None]
-    counts = [int(c) for c in counts if c is not None]
-    return max(counts) if counts else None
 
 
 def _searched_part(model, sample, encoder_out, fraction):

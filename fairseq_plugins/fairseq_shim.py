@@ -1,4 +1,4 @@
-"""The fairseq internals that the decoder adapter (``decoding.py``) relies on, all in one place.
+"""The fairseq internals that the plugin relies on, all in one place.
 
 Written against fairseq-fixed 0.12.3.1 (``fairseq.__version__``; the version ``compat`` patches).
 Nothing here is fairseq's public API, so a fairseq upgrade should start by re-checking these:
@@ -14,6 +14,8 @@ Nothing here is fairseq's public API, so a fairseq upgrade should start by re-ch
   and layer norms. So a stand-in module returning given embeddings feeds the stock decoder a mixed
   input. The output projection keeps its own reference to the embedding weight at construction,
   so the swap does not reach the output layer.
+- ``metrics.get_active_aggregators()`` and the ``num_updates`` meter that ``Trainer.set_num_updates``
+  logs into them: the criterion's only view of the update count (for the ε schedule).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from fairseq import metrics
 from fairseq.modules import MultiheadAttention
 
 
@@ -64,3 +67,20 @@ def given_input_embeddings(decoder, values: torch.Tensor):
         yield
     finally:
         decoder.embed_tokens = original
+
+
+def trainer_num_updates() -> int | None:
+    """fairseq's update count, as its trainer publishes it, or None where it publishes none.
+
+    ``Trainer.set_num_updates`` logs it as the meter ``num_updates`` into every active metrics
+    aggregator, ``default`` among them (always active while training), after every update and when
+    it resumes a checkpoint; it starts at 0 (no meter) under ``--finetune-from-model``. So it is the
+    count of the run being trained, also after a resume and under ``--task translation`` (whose
+    ``train_step`` gives the update number to the model, not to the criterion). The *active*
+    aggregators are read: on resume, fairseq replaces the stored ``default`` aggregator with the
+    checkpoint's copy but keeps logging into the active one, so the stored copy stops at the
+    resumed count. Validation runs under a new root aggregator, without the meter: None there.
+    """
+    counts = [meter.val for agg in metrics.get_active_aggregators() if (meter := agg.get("num_updates")) is not None]
+    counts = [int(c) for c in counts if c is not None]
+    return max(counts) if counts else None

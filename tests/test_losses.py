@@ -257,7 +257,7 @@ def test_the_update_count_survives_fairseqs_resume_and_is_absent_in_validation()
     new root aggregator, where there is none."""
     from fairseq import metrics
 
-    from fairseq_plugins.criterion import trainer_num_updates
+    from fairseq_plugins.fairseq_shim import trainer_num_updates
 
     metrics.reset()
     try:
